@@ -1,0 +1,428 @@
+"""The pure allocation decision: (inventory, allocations, limits, request) -> Choice | Refusal.
+
+No I/O here: the spawner hands in one snapshot of the world and gets back what to write
+into the new container's labels and device request, or a sentence the student can act on.
+That keeps every rule testable exhaustively without a GPU or an engine.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .records import GPU, HELD, Allocation, Device, Inventory, JSONRecord, MigDevice
+
+PACK = "pack"
+SPREAD = "spread"
+STRATEGIES = (PACK, SPREAD)
+_EPSILON = 1e-9
+
+
+class LimitsLike(Protocol):
+    """What the allocator needs of a user's policy (``policy.Limits`` provides it)."""
+
+    max_gpu_equivalents: float | None
+    max_gpu_slots_per_container: int | None
+    allow_full_gpu: bool
+    priority: int
+    max_servers: int | None
+
+    def allows_profile(self, slug: str, mig_profile: str | None = None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Request(JSONRecord):
+    """What a spawn asks for. ``mig_profile`` or ``gpus`` or neither (a CPU-only server)."""
+
+    user: str
+    server: str = ""
+    profile: str = ""  # the spawner profile slug, for policy and messages
+    mig_profile: str | None = None
+    gpus: int = 0
+    #: Devices to keep if still free (a restart), then GPUs to prefer (same parent GPU).
+    prefer_uuids: tuple[str, ...] = ()
+    prefer_parents: tuple[str, ...] = ()
+    strategy: str = PACK
+
+
+@dataclass(frozen=True)
+class Choice(JSONRecord):
+    """The devices to give, and the held containers of lower priority that must make way."""
+
+    devices: tuple[Device, ...] = ()
+    preempts: tuple[str, ...] = ()  # container ids whose hold is taken over
+    equivalents: float = 0.0
+    kept: bool = False  # every device is one the request preferred (same as before)
+
+    @property
+    def uuids(self) -> tuple[str, ...]:
+        return tuple(d.uuid for d in self.devices)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return tuple(d.slot for d in self.devices)
+
+    @property
+    def parent_uuids(self) -> tuple[str, ...]:
+        return tuple(d.parent_uuid if isinstance(d, MigDevice) else d.uuid for d in self.devices)
+
+    @property
+    def gis(self) -> tuple[int | None, ...]:
+        return tuple(d.gi for d in self.devices if isinstance(d, MigDevice))
+
+    @property
+    def gpu_profile(self) -> str | None:
+        if not self.devices:
+            return None
+        first = self.devices[0]
+        return first.profile if isinstance(first, MigDevice) else first.name
+
+    def describe(self) -> str:
+        if not self.devices:
+            return "no GPU (CPU only)"
+        first = self.devices[0]
+        if isinstance(first, MigDevice):
+            return f"MIG {first.profile} slice {first.slot} on GPU {first.gpu_index}"
+        return f"GPU {', '.join(self.slots)} ({first.name})"
+
+
+@dataclass(frozen=True)
+class Holder(JSONRecord):
+    """Who holds a device, for the admin's side of a refusal."""
+
+    user: str | None
+    server: str
+    container: str
+    slot: str
+    state: str
+    managed: bool
+
+
+@dataclass(frozen=True)
+class Refusal(JSONRecord):
+    """Why not: a stable ``code`` for metrics, a ``message`` a student understands."""
+
+    code: str
+    message: str
+    holders: tuple[Holder, ...] = ()
+
+
+# Refusal codes (stable: metrics and tests use them).
+FORBIDDEN = "forbidden"
+NO_SUCH_PROFILE = "no-such-profile"
+NO_GPUS = "no-gpus"
+QUOTA = "quota"
+TOO_MANY_SERVERS = "too-many-servers"
+TOO_MANY_DEVICES = "too-many-devices"
+FULL = "full"
+
+NO_GPUS_MESSAGE = "this server has no NVIDIA GPUs available: choose a CPU profile"
+
+
+class Taken:
+    """Which devices the holding allocations occupy, resolved against the inventory.
+
+    A whole GPU taken takes its MIG devices with it; a MIG device taken keeps its parent GPU
+    from being given whole. Unmanaged ``count=N`` requests take the first N GPUs, ``-1`` all.
+    """
+
+    def __init__(self, inventory: Inventory, allocations: Iterable[Allocation]) -> None:
+        self.inventory = inventory
+        self.by_uuid: dict[str, list[Allocation]] = defaultdict(list)
+        self.missing: dict[str, list[Allocation]] = defaultdict(list)
+        devices = inventory.by_uuid()
+        slots: dict[str, Device] = {g.slot: g for g in inventory.gpus}
+        slots.update({m.slot: m for m in inventory.migs})
+        ordered = sorted(inventory.gpus, key=lambda g: g.index)
+        for allocation in allocations:
+            if not allocation.holds:
+                continue
+            uuids = set(allocation.uuids)
+            if not uuids:
+                uuids.update(slots[s].uuid for s in allocation.slots if s in slots)
+            if allocation.gpu_count < 0:
+                uuids.update(g.uuid for g in ordered)
+            elif allocation.gpu_count > 0:
+                uuids.update(g.uuid for g in ordered[: allocation.gpu_count])
+            for uuid in uuids:
+                if uuid in devices:
+                    self.by_uuid[uuid].append(allocation)
+                else:
+                    self.missing[uuid].append(allocation)
+        self._children: dict[str, tuple[MigDevice, ...]] = {
+            g.uuid: inventory.migs_of(g) for g in inventory.gpus
+        }
+
+    def blockers(self, device: Device) -> list[Allocation]:
+        """Every allocation that keeps ``device`` from being given away."""
+        found = list(self.by_uuid.get(device.uuid, ()))
+        if isinstance(device, MigDevice):
+            found.extend(self.by_uuid.get(device.parent_uuid, ()))
+        else:
+            for mig in self._children.get(device.uuid, ()):
+                found.extend(self.by_uuid.get(mig.uuid, ()))
+        unique = {a.container_id: a for a in found}
+        return list(unique.values())
+
+    def used_on(self, gpu_uuid: str) -> int:
+        """Slices of a GPU in use: the packing order's measure."""
+        return sum(
+            m.slices for m in self._children.get(gpu_uuid, ()) if self.by_uuid.get(m.uuid)
+        )
+
+
+def _same_server(allocation: Allocation, request: Request) -> bool:
+    return allocation.managed and allocation.user == request.user and (
+        allocation.server == request.server
+    )
+
+
+def usage(allocations: Iterable[Allocation], user: str, server: str | None = None) -> float:
+    """GPU-equivalents a user holds, not counting ``server`` (the one being (re)started)."""
+    return round(
+        sum(
+            a.equivalents
+            for a in allocations
+            if a.holds and a.managed and a.user == user and a.server != server
+        ),
+        6,
+    )
+
+
+def servers_in_use(allocations: Iterable[Allocation], user: str, server: str | None = None) -> int:
+    return len(
+        {
+            a.server
+            for a in allocations
+            if a.holds and a.managed and a.user == user and a.server != server
+        }
+    )
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _holders(taken: Taken, devices: Iterable[Device]) -> tuple[Holder, ...]:
+    found = []
+    for device in devices:
+        for allocation in taken.blockers(device):
+            found.append(
+                Holder(
+                    allocation.user,
+                    allocation.server,
+                    allocation.container_name,
+                    device.slot,
+                    allocation.state,
+                    allocation.managed,
+                )
+            )
+    return tuple(found)
+
+
+def free_by_profile(
+    inventory: Inventory, allocations: Sequence[Allocation]
+) -> dict[str, tuple[int, int]]:
+    """MIG profile (and ``"gpu"`` for whole GPUs) -> (free, total); the form shows these."""
+    taken = Taken(inventory, allocations)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    enabled = {g.uuid for g in inventory.gpus if g.mig_enabled}
+    for mig in inventory.migs:
+        if mig.parent_uuid not in enabled:
+            continue
+        counts[mig.profile][1] += 1
+        if not taken.blockers(mig):
+            counts[mig.profile][0] += 1
+    for gpu in inventory.gpus:
+        if gpu.mig_enabled:
+            continue
+        counts["gpu"][1] += 1
+        if not taken.blockers(gpu):
+            counts["gpu"][0] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+
+
+def choose(
+    inventory: Inventory,
+    allocations: Sequence[Allocation],
+    limits: LimitsLike,
+    request: Request,
+) -> Choice | Refusal:
+    """Decide. Never hands out a held device, never exceeds a limit, one MIG slice at most."""
+    if request.mig_profile and request.gpus:
+        return Refusal(FORBIDDEN, "a server gets either one MIG slice or whole GPUs, not both")
+    if not limits.allows_profile(request.profile, request.mig_profile):
+        return Refusal(
+            FORBIDDEN,
+            f"your policy does not allow the profile {request.profile or request.mig_profile!r}",
+        )
+    if limits.max_servers is not None:
+        running = servers_in_use(allocations, request.user, request.server)
+        if running >= limits.max_servers:
+            return Refusal(
+                TOO_MANY_SERVERS,
+                f"you already have {running} server(s) holding resources, your limit is "
+                f"{limits.max_servers}: stop one (or let its hold end) and start again",
+            )
+    if not request.mig_profile and not request.gpus:
+        return Choice()
+    others = [a for a in allocations if not _same_server(a, request)]
+    taken = Taken(inventory, others)
+    if request.mig_profile:
+        return _choose_mig(inventory, others, taken, limits, request)
+    return _choose_gpus(inventory, others, taken, limits, request)
+
+
+def _quota(limits: LimitsLike, allocations: Sequence[Allocation], user: str, want: float):
+    if limits.max_gpu_equivalents is None:
+        return None
+    have = usage(allocations, user)
+    if have + want > limits.max_gpu_equivalents + _EPSILON:
+        return Refusal(
+            QUOTA,
+            f"this needs {_fmt(want)} GPU-equivalents and you already hold {_fmt(have)} of your "
+            f"{_fmt(limits.max_gpu_equivalents)}: stop another server or pick a smaller profile",
+        )
+    return None
+
+
+def _preemptible(blockers: list[Allocation], limits: LimitsLike, user: str) -> bool:
+    return bool(blockers) and all(
+        a.managed and a.state == HELD and a.priority < limits.priority and a.user != user
+        for a in blockers
+    )
+
+
+def _order(
+    devices: list[Device], taken: Taken, request: Request
+) -> list[Device]:
+    keep = set(request.prefer_uuids)
+    parents = list(request.prefer_parents)
+
+    def parent(d: Device) -> str:
+        return d.parent_uuid if isinstance(d, MigDevice) else d.uuid
+
+    def index(d: Device) -> int:
+        return d.gpu_index if isinstance(d, MigDevice) else d.index
+
+    def key(d: Device) -> tuple:
+        used = taken.used_on(parent(d))
+        packing = -used if request.strategy == PACK else used
+        preferred = parents.index(parent(d)) if parent(d) in parents else len(parents)
+        return (d.uuid not in keep, preferred, packing, index(d), d.slot)
+
+    return sorted(devices, key=key)
+
+
+def _choose_mig(
+    inventory: Inventory,
+    allocations: Sequence[Allocation],
+    taken: Taken,
+    limits: LimitsLike,
+    request: Request,
+) -> Choice | Refusal:
+    enabled = {g.uuid for g in inventory.gpus if g.mig_enabled}
+    candidates: list[Device] = [
+        m for m in inventory.migs if m.profile == request.mig_profile and m.parent_uuid in enabled
+    ]
+    if not candidates:
+        here = ", ".join(inventory.mig_profiles()) or "none"
+        if not inventory.gpus:
+            return Refusal(NO_GPUS, NO_GPUS_MESSAGE)
+        return Refusal(
+            NO_SUCH_PROFILE,
+            f"this host has no {request.mig_profile} MIG slices (MIG profiles here: {here}); "
+            "choose another profile or ask an admin",
+        )
+    equivalents = candidates[0].equivalents
+    refusal = _quota(limits, allocations, request.user, equivalents)
+    if refusal:
+        return refusal
+    ordered = _order(candidates, taken, request)
+    for device in ordered:
+        if not taken.blockers(device):
+            return Choice((device,), (), equivalents, device.uuid in request.prefer_uuids)
+    for device in ordered:
+        blockers = taken.blockers(device)
+        if _preemptible(blockers, limits, request.user):
+            return Choice(
+                (device,), tuple(a.container_id for a in blockers), equivalents, False
+            )
+    return Refusal(
+        FULL,
+        f"all {len(candidates)} {request.mig_profile} slices are in use "
+        f"({len(candidates)}/{len(candidates)})"
+        + _alternatives(inventory, allocations, limits, request)
+        + "; try again later or pick another profile",
+        _holders(taken, candidates),
+    )
+
+
+def _alternatives(
+    inventory: Inventory, allocations: Sequence[Allocation], limits: LimitsLike, request: Request
+) -> str:
+    parts = []
+    for profile, (free, _total) in free_by_profile(inventory, allocations).items():
+        if profile == request.mig_profile or free == 0 or profile == "gpu":
+            continue
+        if limits.allows_profile("", profile) or limits.allows_profile(request.profile, profile):
+            parts.append(f"{profile} has {free} free")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def _choose_gpus(
+    inventory: Inventory,
+    allocations: Sequence[Allocation],
+    taken: Taken,
+    limits: LimitsLike,
+    request: Request,
+) -> Choice | Refusal:
+    if not limits.allow_full_gpu:
+        return Refusal(
+            FORBIDDEN,
+            "your policy does not allow whole GPUs: choose a MIG profile or ask an admin",
+        )
+    most = limits.max_gpu_slots_per_container
+    if most is not None and request.gpus > most:
+        return Refusal(
+            TOO_MANY_DEVICES,
+            f"this profile asks for {request.gpus} GPUs and your limit is {most} per server",
+        )
+    candidates: list[Device] = [g for g in inventory.gpus if not g.mig_enabled]
+    if not inventory.gpus:
+        return Refusal(NO_GPUS, NO_GPUS_MESSAGE)
+    if len(candidates) < request.gpus:
+        return Refusal(
+            NO_SUCH_PROFILE,
+            f"this host has {len(candidates)} whole GPU(s) with MIG off and this profile needs "
+            f"{request.gpus}: choose a smaller profile or ask an admin",
+        )
+    equivalents = float(request.gpus)
+    refusal = _quota(limits, allocations, request.user, equivalents)
+    if refusal:
+        return refusal
+    ordered = _order(candidates, taken, request)
+    free = [d for d in ordered if not taken.blockers(d)]
+    chosen: list[Device] = free[: request.gpus]
+    preempts: list[str] = []
+    if len(chosen) < request.gpus:
+        for device in ordered:
+            if len(chosen) == request.gpus:
+                break
+            blockers = taken.blockers(device)
+            if device not in chosen and _preemptible(blockers, limits, request.user):
+                chosen.append(device)
+                preempts.extend(a.container_id for a in blockers)
+    if len(chosen) < request.gpus:
+        return Refusal(
+            FULL,
+            f"{len(free)} of {len(candidates)} whole GPUs are free and this profile needs "
+            f"{request.gpus}" + _alternatives(inventory, allocations, limits, request)
+            + "; try again later or pick another profile",
+            _holders(taken, candidates),
+        )
+    kept = all(d.uuid in request.prefer_uuids for d in chosen)
+    chosen.sort(key=lambda d: d.index if isinstance(d, GPU) else 0)
+    return Choice(tuple(chosen), tuple(dict.fromkeys(preempts)), equivalents, kept)
