@@ -41,8 +41,13 @@ def topology(gpus: int = 8) -> dict:
                 "mig_mode": "enabled",
                 "total_slices": 7,
                 "mig_devices": [
-                    {"index": m, "profile": "1g.10gb", "gi": 7 + m, "ci": 0,
-                     "uuid": f"MIG-{g:04x}{m:04x}-0000-0000-0000-000000000000"}
+                    {
+                        "index": m,
+                        "profile": "1g.10gb",
+                        "gi": 7 + m,
+                        "ci": 0,
+                        "uuid": f"MIG-{g:04x}{m:04x}-0000-0000-0000-000000000000",
+                    }
                     for m in range(7)
                 ],
             }
@@ -77,32 +82,58 @@ def world(n: int, inventory) -> FakeAPI:
         cid = f"{i:064x}"
         user = f"student{i % 300:03d}"
         status, labelset, requests = "running", {}, []
-        finished = "0001-01-01T00:00:00Z"
+        finished = (NOW - timedelta(minutes=i % 50 + 2)).isoformat()
         if i < len(migs) - 6:  # most slices held by managed servers
             mig = migs[i]
             status = "running" if i % 3 else "exited"
-            finished = (NOW - timedelta(minutes=i)).isoformat()
             labelset = labels.encode(
-                hub="lab", user=user, server="", profile="mig-1g", created_at=NOW,
-                slots=[mig.slot], uuids=[mig.uuid], parent_uuids=[mig.parent_uuid],
-                gis=[mig.gi], gpu_profile=mig.profile, equivalents=mig.equivalents,
+                hub="lab",
+                user=user,
+                server="",
+                profile="mig-1g",
+                created_at=NOW,
+                slots=[mig.slot],
+                uuids=[mig.uuid],
+                parent_uuids=[mig.parent_uuid],
+                gis=[mig.gi],
+                gpu_profile=mig.profile,
+                equivalents=mig.equivalents,
                 ports={"ssh": 40000 + i},
             )
-            requests = [{"Driver": "nvidia", "DeviceIDs": [mig.uuid],
-                         "Capabilities": [["gpu"]], "Count": 0, "Options": {}}]
+            requests = [
+                {
+                    "Driver": "nvidia",
+                    "DeviceIDs": [mig.uuid],
+                    "Capabilities": [["gpu"]],
+                    "Count": 0,
+                    "Options": {},
+                }
+            ]
         elif i < 600:  # CPU-only servers
-            labelset = labels.encode(hub="lab", user=user, server=f"s{i}", profile="cpu",
-                                     created_at=NOW)
+            labelset = labels.encode(
+                hub="lab", user=user, server=f"s{i}", profile="cpu", created_at=NOW
+            )
             status = "running" if i % 2 else "exited"
         else:  # everything else on the host: databases, builds, other people's tools
             labelset = {"com.example.app": f"svc{i}"}
-        listing.append({
-            "Id": cid, "Names": [f"/c{i}"], "Image": "img", "Labels": labelset,
-            "State": status, "Status": "Up 2 hours" if status == "running" else "Exited (0)",
-            "Created": int(NOW.timestamp()) - 3600,
-            "Ports": [{"IP": "127.0.0.1", "PrivatePort": 8888, "PublicPort": 30000 + i,
-                       "Type": "tcp"}] if status == "running" else [],
-        })
+        listing.append(
+            {
+                "Id": cid,
+                "Names": [f"/c{i}"],
+                "Image": "img",
+                "Labels": labelset,
+                "State": status,
+                "Status": "Up 2 hours"
+                if status == "running"
+                else f"Exited (0) {i % 50 + 2} minutes ago",
+                "Created": int(NOW.timestamp()) - 3600,
+                "Ports": [
+                    {"IP": "127.0.0.1", "PrivatePort": 8888, "PublicPort": 30000 + i, "Type": "tcp"}
+                ]
+                if status == "running"
+                else [],
+            }
+        )
         inspects[cid] = {
             "Id": cid,
             "State": {"Status": status, "FinishedAt": finished},
@@ -150,16 +181,24 @@ def main() -> None:
     render = timed(snap.to_json, max(5, args.repeat // 5))
 
     held = sum(1 for a in first.allocations if a.holds and a.uuids)
-    print(f"host: {args.gpus} GPUs x 7 MIG slices; {args.containers} containers, "
-          f"{len(first.allocations)} allocations ({held} holding a slice)")
+    print(
+        f"host: {args.gpus} GPUs x 7 MIG slices; {args.containers} containers, "
+        f"{len(first.allocations)} allocations ({held} holding a slice)"
+    )
     print(f"ledger read, cold (list + inspects): {cold * 1000:8.2f} ms, {cold_calls} API calls")
-    print(f"ledger read, steady state (median):  {statistics.median(warm) * 1000:8.2f} ms, "
-          f"{warm_calls:.0f} API call(s)")
-    print(f"allocation decision (median):        {statistics.median(decisions) * 1000:8.3f} ms "
-          f"-> {result.describe() if hasattr(result, 'describe') else result.message}")
+    print(
+        f"ledger read, steady state (median):  {statistics.median(warm) * 1000:8.2f} ms, "
+        f"{warm_calls:.0f} API call(s)"
+    )
+    print(
+        f"allocation decision (median):        {statistics.median(decisions) * 1000:8.3f} ms "
+        f"-> {result.describe() if hasattr(result, 'describe') else result.message}"
+    )
     print(f"snapshot to JSON (median):           {statistics.median(render) * 1000:8.2f} ms")
-    print(f"ratio decision / steady ledger read: "
-          f"{statistics.median(decisions) / statistics.median(warm):.3f}")
+    print(
+        f"ratio decision / steady ledger read: "
+        f"{statistics.median(decisions) / statistics.median(warm):.3f}"
+    )
     assert limits is not None
 
 

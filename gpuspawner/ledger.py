@@ -169,7 +169,7 @@ class Ledger:
         self.log = logger or log
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceFacts] = {}
-        self._finished: dict[str, datetime] = {}
+        self._finished: dict[str, datetime | None] = {}
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -235,7 +235,10 @@ class Ledger:
 
     def _finished_at(self, cid: str, status: str, status_text: str) -> tuple[datetime | None, int]:
         with self._lock:
+            known = cid in self._finished
             cached = self._finished.get(cid)
+        if known and cached is None:
+            return None, 0
         if cached is not None:
             bounds = ago_bounds(status_text)
             slack = 1.5  # the engine's clock and the rounding of its text
@@ -250,7 +253,7 @@ class Ledger:
             self._devices.setdefault(cid, device_facts(attrs))
         state = attrs.get("State") or {}
         finished = L.parse_time(state.get("FinishedAt"))
-        if finished is not None and (state.get("Status") or status) in _STOPPED_STATES:
+        if (state.get("Status") or status) in _STOPPED_STATES:
             with self._lock:
                 self._finished[cid] = finished
         return finished, 1

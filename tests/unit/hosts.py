@@ -13,8 +13,13 @@ from gpuspawner.records import GPU, HELD, RUNNING, Allocation, Inventory, MigDev
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 _ids = itertools.count()
 
-PROFILE_MEMORY = {"1g.10gb": 9728, "2g.20gb": 19968, "3g.40gb": 40192, "4g.40gb": 40192,
-                  "7g.80gb": 80384}
+PROFILE_MEMORY = {
+    "1g.10gb": 9728,
+    "2g.20gb": 19968,
+    "3g.40gb": 40192,
+    "4g.40gb": 40192,
+    "7g.80gb": 80384,
+}
 
 
 def host(*layouts: list[str] | None) -> Inventory:

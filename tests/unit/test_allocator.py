@@ -54,14 +54,19 @@ def test_spread_strategy_prefers_the_emptiest_gpu():
         A100, [], limits(), Request("a", mig_profile="1g.10gb", prefer_parents=(A100.gpus[1].uuid,))
     )
     nxt = choose(
-        A100, [holding(on_gpu1, "a")], limits(), Request("b", mig_profile="1g.10gb", strategy="spread")
+        A100,
+        [holding(on_gpu1, "a")],
+        limits(),
+        Request("b", mig_profile="1g.10gb", strategy="spread"),
     )
     assert nxt.devices[0].gpu_index == 0
 
 
 def test_restart_keeps_the_same_slice_when_free():
     other = A100.migs[3]
-    choice = choose(A100, [], limits(), Request("a", mig_profile="1g.10gb", prefer_uuids=(other.uuid,)))
+    choice = choose(
+        A100, [], limits(), Request("a", mig_profile="1g.10gb", prefer_uuids=(other.uuid,))
+    )
     assert choice.uuids == (other.uuid,) and choice.kept
 
 
@@ -91,7 +96,9 @@ def test_quota_in_gpu_equivalents():
 def test_expired_and_failed_allocations_hold_nothing():
     a = choose(A100, [], limits(), Request("a", mig_profile="3g.40gb"))
     for state in (EXPIRED, FAILED):
-        b = choose(A100, [stopped(holding(a, "a"), state)], limits(), Request("b", mig_profile="3g.40gb"))
+        b = choose(
+            A100, [stopped(holding(a, "a"), state)], limits(), Request("b", mig_profile="3g.40gb")
+        )
         assert isinstance(b, Choice) and b.uuids == a.uuids
 
 
@@ -137,7 +144,10 @@ def test_host_without_gpus():
 
 def test_policy_forbidden_profile():
     refusal = choose(
-        A100, [], limits(allowed_profiles=("cpu",)), Request("a", profile="big", mig_profile="3g.40gb")
+        A100,
+        [],
+        limits(allowed_profiles=("cpu",)),
+        Request("a", profile="big", mig_profile="3g.40gb"),
     )
     assert refusal.code == allocator.FORBIDDEN and "'big'" in refusal.message
 
@@ -154,9 +164,9 @@ def test_higher_priority_takes_a_held_slot_never_a_running_one():
     inv = host(["3g.40gb"], None)
     low = choose(inv, [], limits(), Request("low", mig_profile="3g.40gb"))
     running = holding(low, "low", priority=1)
-    assert choose(inv, [running], limits(priority=9), Request("hi", mig_profile="3g.40gb")).code == (
-        allocator.FULL
-    )
+    assert choose(
+        inv, [running], limits(priority=9), Request("hi", mig_profile="3g.40gb")
+    ).code == (allocator.FULL)
     held = stopped(running, HELD)
     choice = choose(inv, [held], limits(priority=9), Request("hi", mig_profile="3g.40gb"))
     assert isinstance(choice, Choice) and choice.preempts == (held.container_id,)

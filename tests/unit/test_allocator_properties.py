@@ -32,23 +32,33 @@ LAYOUTS = [
 PROFILES = ["1g.10gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb", "1g.5gb"]
 USERS = ["ann", "bo", "cy", "di", "ed"]
 
-hosts = st.lists(st.one_of(st.none(), st.sampled_from(LAYOUTS)), min_size=0, max_size=4)
+hosts = st.lists(st.one_of(st.none(), st.sampled_from(LAYOUTS)), min_size=1, max_size=3)
 user_limits = st.builds(
     limits,
-    max_gpu_equivalents=st.sampled_from([None, 0.15, 0.3, 0.5, 1.0, 2.0]),
+    max_gpu_equivalents=st.sampled_from([None, None, 0.15, 0.3, 0.5, 1.0, 2.0]),
     max_gpu_slots_per_container=st.sampled_from([None, 1, 2]),
-    allow_full_gpu=st.booleans(),
+    allow_full_gpu=st.sampled_from([True, True, False]),
     priority=st.integers(0, 3),
     max_servers=st.sampled_from([None, 1, 2]),
 )
 requests = st.one_of(
     st.builds(lambda p: ("mig", p), st.sampled_from(PROFILES)),
+    st.builds(lambda p: ("mig", p), st.sampled_from(PROFILES[:3])),
+    st.builds(lambda p: ("mig", p), st.sampled_from(PROFILES[:1])),
     st.builds(lambda n: ("gpus", n), st.integers(1, 3)),
     st.just(("cpu", None)),
 )
+spawn = st.tuples(
+    st.just("spawn"),
+    st.sampled_from(USERS),
+    st.sampled_from(["", "a", "b"]),
+    requests,
+    st.sampled_from(["pack", "spread"]),
+)
 steps = st.one_of(
-    st.tuples(st.just("spawn"), st.sampled_from(USERS), st.sampled_from(["", "a", "b"]), requests,
-              st.sampled_from(["pack", "spread"])),
+    spawn,
+    spawn,
+    spawn,
     st.tuples(st.just("stop"), st.integers(0, 50)),
     st.tuples(st.just("expire"), st.integers(0, 50)),
     st.tuples(st.just("remove"), st.integers(0, 50)),
@@ -103,23 +113,31 @@ def check_no_double_holding(inventory: Inventory, allocations: list[Allocation],
 
 def justified(inventory, allocations, lim, request, refusal: Refusal):
     others = [
-        a for a in allocations
+        a
+        for a in allocations
         if not (a.managed and a.user == request.user and a.server == request.server)
     ]
     taken = Taken(inventory, others)
     if refusal.code == allocator.FULL:
         enabled = {g.uuid for g in inventory.gpus if g.mig_enabled}
         if request.mig_profile:
-            pool = [m for m in inventory.migs
-                    if m.profile == request.mig_profile and m.parent_uuid in enabled]
+            pool = [
+                m
+                for m in inventory.migs
+                if m.profile == request.mig_profile and m.parent_uuid in enabled
+            ]
             for device in pool:
                 blockers = taken.blockers(device)
                 assert blockers, f"{device.slot} was free"
                 assert not allocator._preemptible(blockers, lim, request.user)
         else:
             pool = [g for g in inventory.gpus if not g.mig_enabled]
-            usable = [g for g in pool if not taken.blockers(g)
-                      or allocator._preemptible(taken.blockers(g), lim, request.user)]
+            usable = [
+                g
+                for g in pool
+                if not taken.blockers(g)
+                or allocator._preemptible(taken.blockers(g), lim, request.user)
+            ]
             assert len(usable) < request.gpus
     elif refusal.code == allocator.QUOTA:
         want = request.gpus or next(
@@ -127,11 +145,14 @@ def justified(inventory, allocations, lim, request, refusal: Refusal):
         )
         assert allocator.usage(others, request.user) + want > lim.max_gpu_equivalents + 1e-9
     elif refusal.code == allocator.TOO_MANY_SERVERS:
-        assert allocator.servers_in_use(allocations, request.user, request.server) >= lim.max_servers
+        assert (
+            allocator.servers_in_use(allocations, request.user, request.server) >= lim.max_servers
+        )
     elif refusal.code == allocator.NO_SUCH_PROFILE:
         if request.mig_profile:
             assert request.mig_profile not in {
-                m.profile for m in inventory.migs
+                m.profile
+                for m in inventory.migs
                 if any(g.uuid == m.parent_uuid and g.mig_enabled for g in inventory.gpus)
             }
         else:
@@ -146,11 +167,11 @@ def justified(inventory, allocations, lim, request, refusal: Refusal):
         raise AssertionError(refusal)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     layout=hosts,
     policies=st.fixed_dictionaries({u: user_limits for u in USERS}),
-    history=st.lists(steps, max_size=40),
+    history=st.lists(steps, min_size=5, max_size=60),
 )
 def test_histories_never_break_the_rules(layout, policies, history):
     inventory = host(*layout)
@@ -163,10 +184,11 @@ def test_histories_never_break_the_rules(layout, policies, history):
         if kind == "spawn":
             _, user, server, (what, arg), strategy = step
             lim = policies[user]
-            own = [a for a in allocations
-                   if a.managed and a.user == user and a.server == server]
+            own = [a for a in allocations if a.managed and a.user == user and a.server == server]
             request = Request(
-                user, server, profile=f"{what}-{arg}",
+                user,
+                server,
+                profile=f"{what}-{arg}",
                 mig_profile=arg if what == "mig" else None,
                 gpus=arg if what == "gpus" else 0,
                 prefer_uuids=tuple(u for a in own for u in a.uuids),
@@ -212,7 +234,8 @@ def test_histories_never_break_the_rules(layout, policies, history):
             # every container stops at a reboot and comes back held
             allocations = [
                 replace(a, state=HELD) if a.managed and a.holds else a
-                for a in allocations if a.managed
+                for a in allocations
+                if a.managed
             ]
         elif kind == "outside":
             _, pick, count = step
@@ -223,4 +246,57 @@ def test_histories_never_break_the_rules(layout, policies, history):
                 outside = unmanaged(count=count)
             order[outside.container_id] = clock
             allocations.append(outside)
+        check_no_double_holding(inventory, allocations, order)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    priorities=st.fixed_dictionaries({u: st.integers(0, 2) for u in USERS}),
+    history=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("spawn"), st.sampled_from(USERS), st.sampled_from(["3g.40gb", "gpu"])
+            ),
+            st.tuples(st.just("stop"), st.integers(0, 20)),
+            st.tuples(st.just("expire"), st.integers(0, 20)),
+        ),
+        min_size=10,
+        max_size=50,
+    ),
+)
+def test_contention_and_preemption(priorities, history):
+    """A scarce host (two 3g slices, one whole GPU) and five users of mixed priority: slots
+    are fought over, held slots are taken by higher priorities, running ones never."""
+    inventory = host(["3g.40gb", "3g.40gb"], None)
+    allocations: list[Allocation] = []
+    order: dict[str, int] = {}
+    for clock, step in enumerate(history):
+        if step[0] == "spawn":
+            user, what = step[1], step[2]
+            lim = limits(priority=priorities[user], max_gpu_equivalents=None)
+            request = Request(
+                user,
+                "",
+                what,
+                mig_profile=None if what == "gpu" else what,
+                gpus=1 if what == "gpu" else 0,
+            )
+            result = choose(inventory, allocations, lim, request)
+            if isinstance(result, Refusal):
+                justified(inventory, allocations, lim, request, result)
+                continue
+            for a in allocations:
+                if a.container_id in result.preempts:
+                    assert a.state == HELD and a.priority < lim.priority
+            gone = set(result.preempts) | {
+                a.container_id for a in allocations if a.user == user and a.server == ""
+            }
+            allocations = [a for a in allocations if a.container_id not in gone]
+            new = holding(result, user, priority=lim.priority)
+            order[new.container_id] = clock
+            allocations.append(new)
+        elif allocations:
+            target = allocations[step[1] % len(allocations)]
+            state = HELD if step[0] == "stop" and target.state == RUNNING else EXPIRED
+            allocations[allocations.index(target)] = replace(target, state=state)
         check_no_double_holding(inventory, allocations, order)

@@ -14,24 +14,53 @@ WHEN = datetime(2026, 11, 24, 9, 30, 5, tzinfo=timezone.utc)
 
 def test_encode_uses_exactly_the_design_keys():
     out = L.encode(
-        hub="lab", user="ann", server="", profile="mig-1g", created_at=WHEN,
-        slots=["1.2"], uuids=["MIG-aaaa"], parent_uuids=["GPU-bbbb"], gis=[7],
-        gpu_profile="1g.10gb", equivalents=1 / 7, priority=10, ports={"ssh": 40001},
+        hub="lab",
+        user="ann",
+        server="",
+        profile="mig-1g",
+        created_at=WHEN,
+        slots=["1.2"],
+        uuids=["MIG-aaaa"],
+        parent_uuids=["GPU-bbbb"],
+        gis=[7],
+        gpu_profile="1g.10gb",
+        equivalents=1 / 7,
+        priority=10,
+        ports={"ssh": 40001},
     )
     assert out == {
-        "ds01.managed": "true", "ds01.schema": "1", "ds01.interface": "jupyterhub",
-        "ds01.hub": "lab", "ds01.user": "ann", "ds01.server": "", "ds01.profile": "mig-1g",
-        "ds01.created_at": "2026-11-24T09:30:05Z", "ds01.gpu.allocated": "1.2",
-        "ds01.gpu.uuid": "MIG-aaaa", "ds01.gpu.uuids": "MIG-aaaa",
-        "ds01.gpu.parent_uuids": "GPU-bbbb", "ds01.gpu.gi": "7", "ds01.gpu.profile": "1g.10gb",
-        "ds01.gpu.equivalents": "0.1429", "ds01.gpu.allocated_at": "2026-11-24T09:30:05Z",
-        "ds01.gpu.priority": "10", "ds01.port.ssh": "40001",
+        "ds01.managed": "true",
+        "ds01.schema": "1",
+        "ds01.interface": "jupyterhub",
+        "ds01.hub": "lab",
+        "ds01.user": "ann",
+        "ds01.server": "",
+        "ds01.profile": "mig-1g",
+        "ds01.created_at": "2026-11-24T09:30:05Z",
+        "ds01.gpu.allocated": "1.2",
+        "ds01.gpu.uuid": "MIG-aaaa",
+        "ds01.gpu.uuids": "MIG-aaaa",
+        "ds01.gpu.parent_uuids": "GPU-bbbb",
+        "ds01.gpu.gi": "7",
+        "ds01.gpu.profile": "1g.10gb",
+        "ds01.gpu.equivalents": "0.1429",
+        "ds01.gpu.allocated_at": "2026-11-24T09:30:05Z",
+        "ds01.gpu.priority": "10",
+        "ds01.port.ssh": "40001",
     }
 
 
 def test_multi_gpu_has_no_single_uuid_and_cpu_has_empty_allocation():
-    multi = L.encode(hub="h", user="u", server="s", profile="p", created_at=WHEN,
-                     slots=["0", "1"], uuids=["GPU-a", "GPU-b"], parent_uuids=["GPU-a", "GPU-b"])
+    multi = L.encode(
+        hub="h",
+        user="u",
+        server="s",
+        profile="p",
+        created_at=WHEN,
+        slots=["0", "1"],
+        uuids=["GPU-a", "GPU-b"],
+        parent_uuids=["GPU-a", "GPU-b"],
+    )
     assert "ds01.gpu.uuid" not in multi and multi["ds01.gpu.uuids"] == "GPU-a,GPU-b"
     cpu = L.encode(hub="h", user="u", server="", profile="cpu", created_at=WHEN)
     assert cpu["ds01.gpu.allocated"] == "" and "ds01.gpu.allocated_at" not in cpu
@@ -42,14 +71,31 @@ names = st.text(st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, ma
 slot_ids = st.lists(st.from_regex(r"\A[0-9]{1,2}(\.[0-6])?\Z"), max_size=3)
 
 
-@given(user=names, server=st.text(max_size=10), profile=names, slots=slot_ids,
-       eq=st.floats(0, 8), prio=st.integers(-5, 100),
-       ports=st.dictionaries(st.from_regex(r"\A[a-z][a-z0-9_-]{0,8}\Z"), st.integers(1, 65535)))
+@given(
+    user=names,
+    server=st.text(max_size=10),
+    profile=names,
+    slots=slot_ids,
+    eq=st.floats(0, 8),
+    prio=st.integers(-5, 100),
+    ports=st.dictionaries(st.from_regex(r"\A[a-z][a-z0-9_-]{0,8}\Z"), st.integers(1, 65535)),
+)
 def test_round_trip(user, server, profile, slots, eq, prio, ports):
     uuids = [f"MIG-{i:08x}" for i in range(len(slots))]
-    out = L.encode(hub="h", user=user, server=server, profile=profile, created_at=WHEN,
-                   slots=slots, uuids=uuids, parent_uuids=["GPU-1"] * len(slots),
-                   gis=list(range(len(slots))), equivalents=eq, priority=prio, ports=ports)
+    out = L.encode(
+        hub="h",
+        user=user,
+        server=server,
+        profile=profile,
+        created_at=WHEN,
+        slots=slots,
+        uuids=uuids,
+        parent_uuids=["GPU-1"] * len(slots),
+        gis=list(range(len(slots))),
+        equivalents=eq,
+        priority=prio,
+        ports=ports,
+    )
     back = L.decode(out)
     assert back.problems == ()
     assert (back.user, back.server, back.profile, back.hub) == (user, server, profile, "h")
@@ -59,20 +105,35 @@ def test_round_trip(user, server, profile, slots, eq, prio, ports):
 
 
 def test_hand_edited_nonsense_is_reported_not_raised():
-    back = L.decode({
-        "ds01.managed": "true", "ds01.user": "ann", "ds01.gpu.allocated": "banana",
-        "ds01.gpu.uuids": "not-a-uuid,MIG-ok", "ds01.gpu.equivalents": "lots",
-        "ds01.gpu.priority": "high", "ds01.port.ssh": "99999", "ds01.gpu.gi": "x",
-        "ds01.created_at": "yesterday", "ds01.schema": "7",
-    })
+    back = L.decode(
+        {
+            "ds01.managed": "true",
+            "ds01.user": "ann",
+            "ds01.gpu.allocated": "banana",
+            "ds01.gpu.uuids": "not-a-uuid,MIG-ok",
+            "ds01.gpu.equivalents": "lots",
+            "ds01.gpu.priority": "high",
+            "ds01.port.ssh": "99999",
+            "ds01.gpu.gi": "x",
+            "ds01.created_at": "yesterday",
+            "ds01.schema": "7",
+        }
+    )
     assert back.managed and back.user == "ann"
     assert back.slots == () and back.uuids == ("MIG-ok",)
     assert back.equivalents == 0.0 and back.priority == 0 and back.ports == ()
     assert back.created_at is None
     text = " ".join(back.problems)
-    for key in ("ds01.gpu.allocated", "ds01.gpu.uuids", "ds01.gpu.equivalents",
-                "ds01.gpu.priority", "ds01.port.ssh", "ds01.gpu.gi", "ds01.created_at",
-                "ds01.schema"):
+    for key in (
+        "ds01.gpu.allocated",
+        "ds01.gpu.uuids",
+        "ds01.gpu.equivalents",
+        "ds01.gpu.priority",
+        "ds01.port.ssh",
+        "ds01.gpu.gi",
+        "ds01.created_at",
+        "ds01.schema",
+    ):
         assert key in text
 
 

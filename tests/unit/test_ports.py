@@ -12,7 +12,10 @@ from gpuspawner import ports
 
 
 def test_lowest_free_ports_in_the_range():
-    assert ports.choose(["ssh", "tb"], (40000, 40010), {40000, 40002}) == {"ssh": 40001, "tb": 40003}
+    assert ports.choose(["ssh", "tb"], (40000, 40010), {40000, 40002}) == {
+        "ssh": 40001,
+        "tb": 40003,
+    }
 
 
 def test_a_server_keeps_its_ports_while_free():
@@ -38,8 +41,10 @@ def test_bind_probe_sees_a_listener():
     assert ports.host_port_free(port, "127.0.0.1")
 
 
-@given(names=st.sets(st.from_regex(r"\A[a-z]{1,4}\Z"), max_size=5),
-       used=st.sets(st.integers(40000, 40020)))
+@given(
+    names=st.sets(st.from_regex(r"\A[a-z]{1,4}\Z"), max_size=5),
+    used=st.sets(st.integers(40000, 40020)),
+)
 def test_never_a_used_or_duplicate_port(names, used):
     try:
         got = ports.choose(names, (40000, 40020), used)
