@@ -436,11 +436,11 @@ class _Parser:
         for name, (key_node, _value) in entries.items():
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
+                fix = f"did you mean {close[0]!r}?" if close else "fix the spelling or remove it"
                 raise self.error(
                     key_node, _join(path, name),
                     f"unknown key {name!r} in {path or 'the top level'} "
-                    f"({hint}known keys: {', '.join(known)})",
+                    f"(known keys: {', '.join(known)}); {fix}",
                 )
         return entries
 
@@ -471,7 +471,8 @@ class _Parser:
             self.constructor.flatten_mapping(node)
         except yaml.MarkedYAMLError as exc:
             raise self.error(
-                node, path, f"bad '<<' merge ({exc.problem}); merge only mappings"
+                node, path, f"bad '<<' merge in {path or 'the top level'} ({exc.problem}); "
+                "merge only mappings, e.g. '<<: *defaults'"
             ) from None
         return {self.key_name(k, path, what): (k, v) for k, v in node.value}
 
@@ -589,8 +590,9 @@ class _Parser:
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as exc:
-            raise self.error(node, path, f"cannot read this value ({exc.problem}); "
-                             "put it in quotes if it is meant as text") from None
+            raise self.error(node, path, f"cannot read the value of {path or 'this key'} "
+                             f"({exc.problem}); put it in quotes if it is meant as text"
+                             ) from None
 
 
 @dataclass(frozen=True)

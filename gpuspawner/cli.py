@@ -1,0 +1,259 @@
+"""``gpuspawner``: the world from a shell, while the hub is up or down.
+
+It reads Docker and the GPUs directly, through the same Snapshot the spawner decides on, so
+what it prints is what the spawner would see. Settings come from flags or the same
+environment variables as ``jupyterhub_config.py``.
+
+Exit codes: 0 fine; 1 ``doctor`` found a failing check, or a user/profile is unknown;
+2 a configuration error (bad policy or topology file); 3 the Docker engine does not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import health, inventory
+from .events import tail
+from .inventory import InventoryError
+from .ledger import Ledger, LedgerError, connect
+from .policy import PolicyError, load_policy
+from .snapshot import Snapshot
+
+EXIT_OK, EXIT_PROBLEM, EXIT_CONFIG, EXIT_DOCKER = 0, 1, 2, 3
+
+
+def _table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+class World:
+    """Lazily built Snapshot from the command-line settings."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.client = connect(args.docker_host)
+        self.ledger = Ledger(self.client)
+        self.policy = load_policy(args.policy)
+
+    def read_inventory(self):
+        return inventory.read(self.args.inventory, topology_file=self.args.topology)
+
+    def snapshot(self) -> Snapshot:
+        read = self.ledger.read(self.policy.hold_seconds)
+        return Snapshot(self.read_inventory(), read.allocations, self.policy, read.bound_ports,
+                        read.read_at)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+
+
+def cmd_status(args, world: World) -> int:
+    snap = world.snapshot()
+    free = snap.free_by_profile()
+    held = [a for a in snap.allocations if a.holds and (a.uuids or a.gpu_count or a.slots)]
+    lines = [
+        f"inventory: {snap.inventory.source}, {len(snap.inventory.gpus)} GPU(s), "
+        f"{len(snap.inventory.migs)} MIG device(s)",
+        f"allocations: {len(held)} holding devices, {len(snap.unmanaged())} unmanaged",
+        "free: " + (", ".join(f"{k} {f}/{t}" for k, (f, t) in free.items()) or "nothing"),
+    ]
+    lines += [f"problem: {p}" for p in snap.inventory.problems]
+    _emit(args, {"inventory": snap.inventory.to_json(), "holding": len(held),
+                 "unmanaged": len(snap.unmanaged()),
+                 "free": {k: {"free": f, "total": t} for k, (f, t) in free.items()}},
+          "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_gpus(args, world: World) -> int:
+    snap = world.snapshot()
+    rows = snap.devices()
+    by_id = {a.container_id: a for a in snap.allocations}
+    table = [
+        (d.slot, d.kind, d.profile, d.uuid, d.state,
+         ", ".join(f"{by_id[h].user or by_id[h].container_name}" for h in d.holders))
+        for d in rows
+    ]
+    _emit(args, [d.to_json() for d in rows],
+          _table(table, ("slot", "kind", "profile", "uuid", "state", "holder")))
+    return EXIT_OK
+
+
+def cmd_allocations(args, world: World) -> int:
+    snap = world.snapshot()
+    table = [
+        (a.user or "-", a.server or "-", a.profile or "-", ",".join(a.slots) or "-",
+         a.state, "managed" if a.managed else "unmanaged",
+         " ".join(f"{k}={v}" for k, v in a.ports), a.container_name)
+        for a in snap.allocations
+    ]
+    _emit(args, [a.to_json() for a in snap.allocations],
+          _table(table, ("user", "server", "profile", "slots", "state", "kind", "ports",
+                         "container")))
+    return EXIT_OK
+
+
+def cmd_available(args, world: World) -> int:
+    free = world.snapshot().free_by_profile()
+    if args.profile:
+        if args.profile not in free:
+            print(f"no {args.profile} devices on this host (have: {', '.join(free) or 'none'})",
+                  file=sys.stderr)
+            return EXIT_PROBLEM
+        free = {args.profile: free[args.profile]}
+    _emit(args, {k: {"free": f, "total": t} for k, (f, t) in free.items()},
+          _table([(k, f, t) for k, (f, t) in free.items()], ("profile", "free", "total")))
+    return EXIT_OK
+
+
+def cmd_user(args, world: World) -> int:
+    snap = world.snapshot()
+    mine = snap.of(args.name)
+    policy = world.policy.for_user(args.name)
+    data = {"user": args.name, "equivalents": snap.usage(args.name),
+            "limits": policy.limits.to_json(), "policy_sources": list(policy.sources),
+            "allocations": [a.to_json() for a in mine]}
+    limit = policy.limits.max_gpu_equivalents
+    text = [f"{args.name}: {snap.usage(args.name)} of "
+            f"{'unlimited' if limit is None else limit} GPU-equivalents "
+            f"(policy: {', '.join(policy.sources)})"]
+    for a in mine:
+        text.append(f"  {a.server or '(default)'}: {a.profile} {','.join(a.slots) or 'CPU'} "
+                    f"{a.state} {a.container_name}")
+    _emit(args, data, "\n".join(text))
+    return EXIT_OK if mine else EXIT_PROBLEM
+
+
+def cmd_doctor(args, world: World | None) -> int:
+    if world is None:
+        return EXIT_DOCKER
+    checks = health.run_all(world.client, world.snapshot, _port_range(args.ports))
+    marks = {health.OK: "ok  ", health.WARN: "warn", health.FAIL: "FAIL"}
+    _emit(args, [c.to_json() for c in checks],
+          "\n".join(f"[{marks[c.status]}] {c.name}: {c.message}" for c in checks))
+    return EXIT_PROBLEM if health.worst(checks) == health.FAIL else EXIT_OK
+
+
+def _print_event(args, entry: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(entry))
+        return
+    rest = {k: v for k, v in entry.items() if k not in ("time", "event")}
+    print(f"{entry.get('time')} {entry.get('event', '?'):<18} "
+          + " ".join(f"{k}={v}" for k, v in rest.items()))
+
+
+def cmd_events(args, world: World | None) -> int:
+    if not args.events:
+        print("no operation log: pass --events or set GPUSPAWNER_EVENTS", file=sys.stderr)
+        return EXIT_CONFIG
+    for entry in tail(args.events, args.limit):
+        _print_event(args, entry)
+    if not args.follow:
+        return EXIT_OK
+    offset = os.path.getsize(args.events) if os.path.exists(args.events) else 0
+    while True:
+        sys.stdout.flush()
+        time.sleep(1)
+        if not os.path.exists(args.events) or os.path.getsize(args.events) < offset:
+            offset = 0  # rotated
+            continue
+        with open(args.events, encoding="utf-8", errors="replace") as source:
+            source.seek(offset)
+            chunk = source.read()
+        complete, _, _partial = chunk.rpartition("\n")
+        if not complete:
+            continue
+        offset += len((complete + "\n").encode())
+        for line in complete.splitlines():
+            try:
+                _print_event(args, json.loads(line))
+            except json.JSONDecodeError:
+                continue
+
+
+COMMANDS = {
+    "status": (cmd_status, "one-paragraph summary: inventory, holders, free slots"),
+    "gpus": (cmd_gpus, "every GPU and MIG device with its state and holder"),
+    "allocations": (cmd_allocations, "every container that holds or held a device"),
+    "available": (cmd_available, "free / total per MIG profile and whole GPUs"),
+    "user": (cmd_user, "one user's allocations and limits"),
+    "doctor": (cmd_doctor, "health checks; exits 1 when one fails"),
+    "events": (cmd_events, "the operation log"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    top = argparse.ArgumentParser(prog="gpuspawner", description=__doc__.splitlines()[0])
+    top.add_argument("--docker-host", default=env("DOCKER_HOST"),
+                     help="Docker engine URL (default: DOCKER_HOST or the local socket)")
+    top.add_argument("--policy", default=env("GPUSPAWNER_POLICY"), help="policy file")
+    top.add_argument("--inventory", default=env("GPUSPAWNER_INVENTORY", "auto"),
+                     choices=inventory.SOURCES, help="inventory source")
+    top.add_argument("--topology", default=env("GPUSPAWNER_TOPOLOGY"),
+                     help="static topology file")
+    top.add_argument("--events", default=env("GPUSPAWNER_EVENTS"), help="operation log file")
+    top.add_argument("--ports", default=env("GPUSPAWNER_PORTS", "40000-40999"),
+                     help="host port range, e.g. 40000-40999")
+    sub = top.add_subparsers(dest="command", required=True)
+    for name, (_, what) in COMMANDS.items():
+        command = sub.add_parser(name, help=what, description=what)
+        command.add_argument("--json", action="store_true", help="print JSON")
+        if name == "available":
+            command.add_argument("--profile", help="one MIG profile, or 'gpu'")
+        if name == "user":
+            command.add_argument("name")
+        if name == "events":
+            command.add_argument("--follow", "-f", action="store_true")
+            command.add_argument("--limit", type=int, default=50)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handler = COMMANDS[args.command][0]
+    if args.command == "events":
+        return handler(args, None)
+    try:
+        world = World(args)
+        return handler(args, world)
+    except PolicyError as exc:
+        print(f"gpuspawner: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except InventoryError as exc:
+        print(f"gpuspawner: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LedgerError as exc:
+        if args.command == "doctor":
+            print(f"[FAIL] docker: {exc}")
+        else:
+            print(f"gpuspawner: {exc}", file=sys.stderr)
+        return EXIT_DOCKER if args.command != "doctor" else EXIT_PROBLEM
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Health checks shared by ``gpuspawner doctor``, the admin page and spawner start-up.
+
+Each check looks at one thing an admin can fix, and says how. The checks read the world
+through the same Snapshot as everything else, plus two questions only the engine can answer
+(does it answer at all; is an NVIDIA runtime registered).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .records import JSONRecord
+from .snapshot import Snapshot
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Check(JSONRecord):
+    name: str
+    status: str  # ok | warn | fail
+    message: str
+
+
+def engine_check(client: Any) -> tuple[Check, dict[str, Any] | None]:
+    """Does the Docker engine answer? Returns its ``info`` for the runtime check."""
+    api = getattr(client, "api", client)
+    try:
+        info = api.info()
+    except Exception as exc:  # any failure to talk to the engine is the finding
+        return (
+            Check("docker", FAIL, f"the Docker engine at {api.base_url} does not answer ({exc}); "
+                  "start dockerd or fix DOCKER_HOST"),
+            None,
+        )
+    version = info.get("ServerVersion", "?")
+    return Check("docker", OK, f"Docker {version} answers at {api.base_url}"), info
+
+
+def runtime_check(info: dict[str, Any] | None) -> Check:
+    """Docker can only honour NVIDIA device requests with the NVIDIA container toolkit."""
+    if info is None:
+        return Check("nvidia-runtime", WARN, "unknown: the engine does not answer")
+    runtimes = set((info.get("Runtimes") or {}).keys())
+    if "nvidia" in runtimes:
+        return Check("nvidia-runtime", OK, "the nvidia runtime is registered with Docker")
+    if shutil.which("nvidia-container-runtime-hook"):
+        return Check(
+            "nvidia-runtime", OK,
+            "nvidia-container-runtime-hook is installed (Docker's NVIDIA device driver)",
+        )
+    return Check(
+        "nvidia-runtime", WARN,
+        "no NVIDIA container toolkit found: GPU containers will fail to start; install "
+        "nvidia-container-toolkit and restart dockerd",
+    )
+
+
+def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -> list[Check]:
+    inv = snap.inventory
+    checks: list[Check] = []
+    if inv.source == "none":
+        checks.append(Check("nvml", WARN, inv.problems[0] if inv.problems else
+                            "no NVIDIA GPUs: only CPU servers can start"))
+    else:
+        what = f"{len(inv.gpus)} GPU(s), {len(inv.migs)} MIG device(s) through {inv.source}"
+        if inv.driver_version:
+            what += f"; driver {inv.driver_version}"
+        if inv.cuda_version:
+            what += f", CUDA {inv.cuda_version}"
+        checks.append(Check("nvml", OK, what))
+    pending = [p for p in inv.problems if "pending" in p]
+    empty = [p for p in inv.problems if "no MIG devices" in p]
+    checks.append(Check("mig-pending", WARN, "; ".join(pending)) if pending else
+                  Check("mig-pending", OK, "no MIG mode change is pending"))
+    if empty:
+        checks.append(Check("mig-empty", WARN, "; ".join(empty)))
+    missing = snap.missing_uuids()
+    if missing:
+        holders = sorted({a.container_name for found in missing.values() for a in found})
+        live = sorted({a.container_name for found in missing.values() for a in found if a.holds})
+        status = FAIL if live else WARN
+        checks.append(Check(
+            "missing-uuids", status,
+            f"{len(missing)} labelled device(s) no longer exist (MIG re-created or GPU "
+            f"removed), held by {', '.join(holders[:10])}; their servers re-allocate on restart",
+        ))
+    else:
+        checks.append(Check("missing-uuids", OK, "every labelled device exists"))
+    outside = snap.unmanaged()
+    if outside:
+        names = ", ".join(a.container_name for a in outside[:10])
+        checks.append(Check(
+            "unmanaged", WARN,
+            f"{len(outside)} container(s) hold GPUs without gpuspawner labels: {names}",
+        ))
+    else:
+        checks.append(Check("unmanaged", OK, "no unmanaged GPU containers"))
+    bad = [a for a in snap.allocations if a.label_problems]
+    if bad:
+        checks.append(Check(
+            "labels", WARN,
+            f"{len(bad)} container(s) have labels that make no sense, e.g. "
+            f"{bad[0].container_name}: {bad[0].label_problems[0]}",
+        ))
+    if port_range:
+        low, high = port_range
+        used = {p for p in snap.reserved_ports() if low <= p <= high}
+        free = high - low + 1 - len(used)
+        status = OK if free > (high - low + 1) // 10 else WARN
+        checks.append(Check("ports", status, f"{free} of {high - low + 1} ports free in "
+                            f"{low}-{high}"))
+    return checks
+
+
+def run_all(
+    client: Any,
+    take_snapshot: Callable[[], Snapshot],
+    port_range: tuple[int, int] | None = None,
+) -> list[Check]:
+    engine, info = engine_check(client)
+    checks = [engine, runtime_check(info)]
+    if engine.status == FAIL:
+        return checks
+    try:
+        snap = take_snapshot()
+    except Exception as exc:
+        return [*checks, Check("snapshot", FAIL, f"could not read the world: {exc}")]
+    return checks + snapshot_checks(snap, port_range)
+
+
+def worst(checks: list[Check]) -> str:
+    states = {c.status for c in checks}
+    return FAIL if FAIL in states else WARN if WARN in states else OK
