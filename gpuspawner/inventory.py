@@ -106,17 +106,22 @@ def _profile_table(nvml: ModuleType, handle: Any) -> dict[int, tuple[str, int, i
     """GPU-instance profile id -> (name, slices, memory MiB) for the profiles this GPU has."""
     table: dict[int, tuple[str, int, int]] = {}
     count = getattr(nvml, "NVML_GPU_INSTANCE_PROFILE_COUNT", 10)
-    version = getattr(nvml, "nvmlGpuInstanceProfileInfo_v2", None)
     for index in range(count):
         try:
-            if version is not None and hasattr(nvml, "nvmlDeviceGetGpuInstanceProfileInfoV"):
-                info = nvml.nvmlDeviceGetGpuInstanceProfileInfoV(handle, index, version)
-                name = _text(getattr(info, "name", "")).strip()
-            else:
+            # nvidia-ml-py takes version 2 (not the struct-version constant) for the variant
+            # whose info carries the profile's name; older releases have no version argument.
+            try:
+                info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, index, 2)
+            except TypeError:
                 info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, index)
-                name = ""
+            except nvml.NVMLError as exc:
+                missing = getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", -1)
+                if getattr(exc, "value", None) != missing:
+                    raise
+                info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, index, 1)  # old driver
         except nvml.NVMLError:
             continue
+        name = _text(getattr(info, "name", b"")).strip()
         slices = int(info.sliceCount)
         memory = int(info.memorySizeMB)
         name = name.removeprefix("MIG ").strip() or f"{slices}g.{round(memory / 1024)}gb"
