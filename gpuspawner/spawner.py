@@ -238,6 +238,30 @@ class GPUSpawner(DockerSpawner):
     def _default_remove(self) -> bool:
         return False
 
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Callable[..., None]:
+        # ``profile`` is the only option, and start() resolves it (on every JupyterHub
+        # version); this only tells JupyterHub >= 5.3 that the option is handled.
+        def apply_user_options(spawner: GPUSpawner, user_options: dict[str, Any]) -> None:
+            return None
+
+        return apply_user_options
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reset_progress()
+
+    def _reset_progress(self) -> None:
+        self._events: list[dict[str, Any]] = []
+        self._progress_changed = asyncio.Event()
+        self._spawn_done = False
+
+    def run_pre_spawn_hook(self):
+        # JupyterHub serves /progress as soon as a spawn is pending, before start() runs:
+        # the progress of this spawn must exist (and the last one's be gone) by then.
+        self._reset_progress()
+        return super().run_pre_spawn_hook()
+
     # ------------------------------------------------------------------ shared parts
 
     @property
@@ -249,7 +273,9 @@ class GPUSpawner(DockerSpawner):
 
     @property
     def ledger(self) -> Ledger:
-        key = self.client.base_url
+        # One ledger (and its cache) per Docker client: base_url alone reads the same
+        # "http+docker://localhost" for every unix socket.
+        key = str(id(self.client))
         if key not in self._ledgers:
             self._ledgers[key] = Ledger(
                 self.client, start_timeout=self.start_timeout, logger=self.log
@@ -539,9 +565,8 @@ class GPUSpawner(DockerSpawner):
     _plan: dict[str, Any] | None = None
 
     async def start(self):
-        self._events: list[dict[str, Any]] = []
-        self._progress_changed = asyncio.Event()
-        self._spawn_done = False
+        if self._spawn_done:  # started without the pre-spawn hook (tests, other callers)
+            self._reset_progress()
         try:
             return await self._start()
         finally:

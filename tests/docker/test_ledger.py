@@ -155,6 +155,6 @@ def test_steady_state_read_is_one_api_call(engine, gpusim, base_image):
 
 
 def test_engine_down_is_a_clear_error():
-    client = docker.APIClient(base_url="unix:///nonexistent/docker.sock")
+    client = docker.APIClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
     with pytest.raises(LedgerError, match="did not answer a container list.*dockerd is running"):
         Ledger(client).read()

@@ -1,0 +1,84 @@
+"""Shared pytest fixtures. Each block below belongs to one part of the test bed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# ===================================================================================
+# GPU simulator and private Docker engine (logic: tests/gpusim, tests/engine.py,
+# tests/images.py). Fixtures:
+#   engine            session   PrivateEngine, started once, stopped at the end
+#   gpusim            function  Simulator on the engine's state (a100x4 installed);
+#                               removes every container of the private engine afterwards
+#   gpusim_local      function  Simulator on a tmp state file, no engine (unit tests)
+#   base_image        session   "gpuspawner-test/base:bookworm"
+#   singleuser_image  session   "gpuspawner-test/singleuser:<key>"
+# gpusim and gpusim_local also set GPUSIM_STATE and put the fake nvidia-smi first on PATH
+# for the test's duration, so the product reads the simulated host.
+# ===================================================================================
+from .engine import EngineError, PrivateEngine
+from .gpusim import BIN_DIR, Simulator
+from .images import ensure_base_image, ensure_singleuser_image
+
+
+def _point_at(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:
+    monkeypatch.setenv("GPUSIM_STATE", str(sim.state_path))
+    if sim.hook_log:
+        monkeypatch.setenv("GPUSIM_HOOK_LOG", str(sim.hook_log))
+    monkeypatch.setenv("PATH", f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[PrivateEngine]:
+    """The private dockerd; docker tests are skipped where it cannot run (not root, no Docker)."""
+    if os.geteuid() != 0:
+        pytest.skip("the private Docker engine needs root")
+    private = PrivateEngine()
+    if not Path(private.dockerd).exists():
+        pytest.skip("dockerd is not installed (scripts/setup.sh installs it)")
+    try:
+        private.start()
+    except EngineError as exc:
+        pytest.fail(f"private Docker engine: {exc}")
+    try:
+        private.remove_containers()  # left by an earlier session that died
+        yield private
+    finally:
+        private.stop()
+
+
+@pytest.fixture
+def gpusim(engine: PrivateEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
+    sim = Simulator(engine.state_path, engine.hook_log)
+    sim.install("a100x4")
+    sim.clear_hook_log()
+    _point_at(monkeypatch, sim)
+    try:
+        yield sim
+    finally:
+        engine.remove_containers()
+
+
+@pytest.fixture
+def gpusim_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Simulator:
+    sim = Simulator(tmp_path / "gpusim-state.json", tmp_path / "hook.log")
+    sim.install("a100x4")
+    _point_at(monkeypatch, sim)
+    return sim
+
+
+@pytest.fixture(scope="session")
+def base_image(engine: PrivateEngine) -> str:
+    return ensure_base_image(engine.client)
+
+
+@pytest.fixture(scope="session")
+def singleuser_image(engine: PrivateEngine, base_image: str) -> str:
+    return ensure_singleuser_image(engine.client)
+
+
+# ============================================================ end of simulator / engine block

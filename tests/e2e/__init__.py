@@ -1,0 +1,1 @@
+"""End-to-end tests: a real JupyterHub with GPUSpawner on the private engine (tests/hub.py)."""

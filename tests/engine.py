@@ -1,0 +1,363 @@
+"""A private Docker engine for the tests, beside any other engine on the machine.
+
+Why private: the tests create, start, break and remove containers freely, and list "every
+container" to check the ledger. On a shared machine that must never touch anyone else's
+containers, so the tests run their own ``dockerd`` with its own socket, data root, exec root,
+pid file and bridge. Its PATH starts with the simulator's ``bin/``, so Docker registers its
+NVIDIA device driver (it looks for ``nvidia-container-runtime-hook`` at daemon start) and runs
+the fake hook at every GPU container start, against ``$GPUSIM_STATE``.
+
+The data root is kept between runs so built test images are reused; everything else is made
+fresh. One test session at a time owns the engine (a lock file): a second session waits
+rather than restarting the daemon under the first one's feet.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import docker
+
+from .gpusim import BIN_DIR
+
+DEFAULT_RUN_DIR = Path("/run/gpuspawner-test")
+DEFAULT_LIB_DIR = Path("/var/lib/gpuspawner-test")
+DEFAULT_BRIDGE = "gpsim0"
+DEFAULT_GATEWAY = "172.31.250.1/24"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class EngineError(RuntimeError):
+    """The private engine could not be started or stopped; the message has the log's tail."""
+
+
+@dataclass(frozen=True)
+class EnginePaths:
+    """Where the private engine keeps its files. ``GPUSPAWNER_TEST_ROOT`` moves all of them.
+
+    A moved engine also gets its own bridge and subnet (derived from the root), so two
+    engines can run side by side without one removing the other's bridge at its end.
+    """
+
+    run_dir: Path
+    data_root: Path
+    bridge: str = DEFAULT_BRIDGE
+    gateway_cidr: str = DEFAULT_GATEWAY
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EnginePaths:
+        environ = os.environ if environ is None else environ
+        root = environ.get("GPUSPAWNER_TEST_ROOT")
+        if not root:
+            return cls(DEFAULT_RUN_DIR, DEFAULT_LIB_DIR / "docker")
+        digest = int(hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest(), 16)
+        return cls(
+            Path(root) / "run",
+            Path(root) / "lib" / "docker",
+            bridge=f"gpsim{digest % 997 + 1}",
+            gateway_cidr=f"172.31.{200 + digest % 50}.1/24",
+        )
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "docker.sock"
+
+    @property
+    def exec_root(self) -> Path:
+        return self.run_dir / "exec"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "docker.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "dockerd.log"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "gpusim-state.json"
+
+    @property
+    def hook_log(self) -> Path:
+        return self.run_dir / "hook.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / "session.lock"
+
+
+def _ping(path: Path, timeout: float = 2.0) -> bool:
+    """Whether a Docker engine answers ``/_ping`` on the unix socket ``path``."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+    except OSError:
+        return False
+    return reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0]
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still "exists"; it is not alive.
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return status != "Z"
+
+
+class PrivateEngine:
+    """One private ``dockerd``; use as a context manager or call start() and stop()."""
+
+    def __init__(
+        self,
+        paths: EnginePaths | None = None,
+        dockerd: str | None = None,
+    ) -> None:
+        self.paths = paths or EnginePaths.from_env()
+        self.bridge = self.paths.bridge
+        self.gateway_cidr = self.paths.gateway_cidr
+        self.dockerd = dockerd or shutil.which("dockerd") or "/usr/sbin/dockerd"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_file: IO[str] | None = None
+        self._client: docker.DockerClient | None = None
+
+    # ------------------------------------------------------------------ what tests use
+
+    @property
+    def base_url(self) -> str:
+        return f"unix://{self.paths.socket}"
+
+    @property
+    def gateway(self) -> str:
+        """The bridge's address: where containers reach services on this host."""
+        return str(ipaddress.ip_interface(self.gateway_cidr).ip)
+
+    @property
+    def state_path(self) -> Path:
+        return self.paths.state_path
+
+    @property
+    def hook_log(self) -> Path:
+        return self.paths.hook_log
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise EngineError("the private engine is not started")
+        return self._client
+
+    def environment(self) -> dict[str, str]:
+        """Env for processes that should see the same simulated host as the engine."""
+        return {"GPUSIM_STATE": str(self.state_path), "GPUSIM_HOOK_LOG": str(self.hook_log),
+                "DOCKER_HOST": self.base_url}
+
+    # ------------------------------------------------------------------------ start/stop
+
+    def start(self, timeout: float = 60.0, lock_timeout: float = 1800.0) -> None:
+        if os.geteuid() != 0:
+            raise EngineError("the private Docker engine needs root (it makes a bridge)")
+        if not Path(self.dockerd).exists():
+            raise EngineError(f"dockerd not found ({self.dockerd}); run scripts/setup.sh")
+        for directory in (self.paths.run_dir, self.paths.data_root, self.paths.exec_root):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock(lock_timeout)
+        try:
+            self._stop_stale()
+            self._ensure_bridge()
+            self.paths.hook_log.write_text("")
+            self._launch(timeout)
+            self._client = docker.DockerClient(base_url=self.base_url, timeout=300)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if proc is not None:
+            self._remove_bridge()
+        self._release_lock()
+
+    def __enter__(self) -> PrivateEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------------- housekeeping
+
+    def remove_containers(self) -> int:
+        """Force-remove every container (the engine is private) with its anonymous volumes."""
+        api = self.client.api
+        removed = 0
+        for container in api.containers(all=True, quiet=True):
+            try:
+                api.remove_container(container["Id"], force=True, v=True)
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+        return removed
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.paths.log.read_text(errors="replace")
+        except OSError:
+            return "(no dockerd log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -------------------------------------------------------------------------- internals
+
+    def _acquire_lock(self, lock_timeout: float) -> None:
+        handle = open(self.paths.lock, "a+")  # held for the session
+        deadline = time.monotonic() + lock_timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise EngineError(
+                        f"another test session holds {self.paths.lock} for longer than "
+                        f"{lock_timeout:.0f}s; set GPUSPAWNER_TEST_ROOT to run beside it"
+                    ) from None
+                if not told:
+                    print(f"waiting for {self.paths.lock}: another test session uses the "
+                          "private engine", file=sys.stderr)
+                    told = True
+                time.sleep(1)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock_file = handle
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _stale_pids(self) -> list[int]:
+        """dockerd processes of an earlier run of this engine (same socket or pid file)."""
+        markers = {f"unix://{self.paths.socket}", str(self.paths.pidfile)}
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            argv = _cmdline(int(entry.name))
+            if argv and Path(argv[0]).name == "dockerd" and markers & set(argv):
+                pids.append(int(entry.name))
+        return pids
+
+    def _stop_stale(self) -> None:
+        """Stop a daemon an earlier (crashed) session left: we cannot trust its env or PATH."""
+        pids = self._stale_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def _ensure_bridge(self) -> None:
+        if _run("ip", "link", "show", "dev", self.bridge).returncode != 0:
+            made = _run("ip", "link", "add", "name", self.bridge, "type", "bridge")
+            if made.returncode != 0:
+                raise EngineError(f"cannot make bridge {self.bridge}: {made.stderr.strip()}")
+        shown = _run("ip", "-o", "addr", "show", "dev", self.bridge).stdout
+        if f" {self.gateway_cidr} " not in shown:
+            added = _run("ip", "addr", "add", self.gateway_cidr, "dev", self.bridge)
+            if added.returncode != 0:
+                raise EngineError(
+                    f"cannot address bridge {self.bridge}: {added.stderr.strip()}"
+                )
+        _run("ip", "link", "set", "dev", self.bridge, "up")
+
+    def _remove_bridge(self) -> None:
+        _run("ip", "link", "del", "dev", self.bridge)
+
+    def _launch(self, timeout: float) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "GPUSIM_"))}
+        env["PATH"] = f"{BIN_DIR}:{SYSTEM_PATH}"
+        env["GPUSIM_STATE"] = str(self.state_path)
+        env["GPUSIM_HOOK_LOG"] = str(self.hook_log)
+        argv = [
+            self.dockerd,
+            "--host", self.base_url,
+            "--data-root", str(self.paths.data_root),
+            "--exec-root", str(self.paths.exec_root),
+            "--pidfile", str(self.paths.pidfile),
+            "--bridge", self.bridge,
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-forward=false",
+            "--shutdown-timeout", "2",
+        ]
+        with open(self.paths.log, "wb") as log:
+            self._proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not _ping(self.paths.socket):
+            if self._proc.poll() is not None:
+                raise EngineError(
+                    f"dockerd exited with {self._proc.returncode} at start:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"dockerd did not answer on {self.paths.socket} within {timeout:.0f}s:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.1)
