@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import docker
 import docker.errors
 import requests.exceptions
-
-import docker
 
 from . import labels as L
 from .records import (

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
+import docker
 import docker.errors
 import requests.exceptions
 from dockerspawner import DockerSpawner
@@ -36,8 +37,6 @@ from traitlets import (
     Union,
     default,
 )
-
-import docker
 
 from . import allocator, events, inventory, labels, ports
 from .allocator import Choice, Refusal, Request

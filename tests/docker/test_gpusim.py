@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
-
 import docker
+import pytest
 
 from ..engine import PrivateEngine
 from ..gpusim import Simulator

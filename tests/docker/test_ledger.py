@@ -29,14 +29,20 @@ def make(engine, image, name, *, labelset=None, device_ids=None, count=0, start=
     if device_ids or count:
         requests = [
             docker.types.DeviceRequest(
-                driver="nvidia", device_ids=device_ids or None, count=count or None,
+                driver="nvidia",
+                device_ids=device_ids or None,
+                count=count or None,
                 capabilities=[["gpu"]],
             )
         ]
     host_config = api.create_host_config(device_requests=requests or None)
     created = api.create_container(
-        image, command=["sleep", "300"], name=name, labels=labelset or {},
-        host_config=host_config, environment=env,
+        image,
+        command=["sleep", "300"],
+        name=name,
+        labels=labelset or {},
+        host_config=host_config,
+        environment=env,
     )
     if start:
         api.start(created["Id"])
@@ -47,9 +53,17 @@ def spawn_like(engine, image, inv, user, mig_profile=None, gpus=0, server="", ta
     choice = choose(inv, list(taken), limits(), Request(user, server, "p", mig_profile, gpus))
     assert isinstance(choice, Choice), choice
     labelset = labels.encode(
-        hub="test", user=user, server=server, profile="p", created_at=datetime.now(timezone.utc),
-        slots=choice.slots, uuids=choice.uuids, parent_uuids=choice.parent_uuids,
-        gis=choice.gis, gpu_profile=choice.gpu_profile, equivalents=choice.equivalents,
+        hub="test",
+        user=user,
+        server=server,
+        profile="p",
+        created_at=datetime.now(timezone.utc),
+        slots=choice.slots,
+        uuids=choice.uuids,
+        parent_uuids=choice.parent_uuids,
+        gis=choice.gis,
+        gpu_profile=choice.gpu_profile,
+        equivalents=choice.equivalents,
         ports={"ssh": 40022},
     )
     cid = make(engine, image, f"jupyter-{user}", labelset=labelset, device_ids=list(choice.uuids))
@@ -108,11 +122,24 @@ def test_holds_follow_docker_finish_time(engine, gpusim, base_image):
 def test_created_but_never_started(engine, gpusim, base_image):
     inv = inventory.read("file", topology_file=gpusim.state_path)
     choice = choose(inv, [], limits(), Request("cy", mig_profile="2g.20gb"))
-    labelset = labels.encode(hub="t", user="cy", server="", profile="p",
-                             created_at=datetime.now(timezone.utc), slots=choice.slots,
-                             uuids=choice.uuids, equivalents=choice.equivalents)
-    make(engine, base_image, "in-flight", labelset=labelset, device_ids=list(choice.uuids),
-         start=False)
+    labelset = labels.encode(
+        hub="t",
+        user="cy",
+        server="",
+        profile="p",
+        created_at=datetime.now(timezone.utc),
+        slots=choice.slots,
+        uuids=choice.uuids,
+        equivalents=choice.equivalents,
+    )
+    make(
+        engine,
+        base_image,
+        "in-flight",
+        labelset=labelset,
+        device_ids=list(choice.uuids),
+        start=False,
+    )
     ledger = Ledger(engine.client, start_timeout=120)
     assert ledger.read().allocations[0].state == CREATED
     late = datetime.now(timezone.utc) + timedelta(minutes=5)
@@ -122,10 +149,19 @@ def test_created_but_never_started(engine, gpusim, base_image):
 def test_hand_edited_labels_fall_back_to_device_requests(engine, gpusim, base_image):
     inv = inventory.read("file", topology_file=gpusim.state_path)
     real = inv.migs[0].uuid
-    make(engine, base_image, "edited", device_ids=[real], labelset={
-        "ds01.managed": "true", "ds01.user": "dan", "ds01.gpu.uuids": "garbage!",
-        "ds01.gpu.allocated": "x.y", "ds01.gpu.equivalents": "-3",
-    })
+    make(
+        engine,
+        base_image,
+        "edited",
+        device_ids=[real],
+        labelset={
+            "ds01.managed": "true",
+            "ds01.user": "dan",
+            "ds01.gpu.uuids": "garbage!",
+            "ds01.gpu.allocated": "x.y",
+            "ds01.gpu.equivalents": "-3",
+        },
+    )
     got = Ledger(engine.client).read().allocations[0]
     assert got.user == "dan" and got.uuids == (real,)
     assert any("ds01.gpu.uuids" in p for p in got.label_problems)

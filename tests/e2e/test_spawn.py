@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ..hub import HubError, RunningHub
+from ..hub import HubError
 from .conftest import MakeHub
 
 pytestmark = pytest.mark.docker
@@ -31,10 +31,20 @@ SCARCE = {
             "mig_mode": "enabled",
             "total_slices": 7,
             "mig_devices": [
-                {"index": 0, "profile": "3g.40gb", "gi": 2, "ci": 0,
-                 "uuid": "MIG-aaaaaaaa-0000-4000-8000-000000000001"},
-                {"index": 1, "profile": "1g.10gb", "gi": 9, "ci": 0,
-                 "uuid": "MIG-aaaaaaaa-0000-4000-8000-000000000002"},
+                {
+                    "index": 0,
+                    "profile": "3g.40gb",
+                    "gi": 2,
+                    "ci": 0,
+                    "uuid": "MIG-aaaaaaaa-0000-4000-8000-000000000001",
+                },
+                {
+                    "index": 1,
+                    "profile": "1g.10gb",
+                    "gi": 9,
+                    "ci": 0,
+                    "uuid": "MIG-aaaaaaaa-0000-4000-8000-000000000002",
+                },
             ],
         }
     ],
@@ -115,10 +125,20 @@ def test_after_the_hold_another_user_takes_it_and_the_owner_reallocates(
     state = dict(SCARCE)
     gpu = dict(state["gpus"][0])
     gpu["mig_devices"] = [
-        {"index": 0, "profile": "3g.40gb", "gi": 1, "ci": 0,
-         "uuid": "MIG-bbbbbbbb-0000-4000-8000-000000000001"},
-        {"index": 1, "profile": "3g.40gb", "gi": 2, "ci": 0,
-         "uuid": "MIG-bbbbbbbb-0000-4000-8000-000000000002"},
+        {
+            "index": 0,
+            "profile": "3g.40gb",
+            "gi": 1,
+            "ci": 0,
+            "uuid": "MIG-bbbbbbbb-0000-4000-8000-000000000001",
+        },
+        {
+            "index": 1,
+            "profile": "3g.40gb",
+            "gi": 2,
+            "ci": 0,
+            "uuid": "MIG-bbbbbbbb-0000-4000-8000-000000000002",
+        },
     ]
     state["gpus"] = [gpu]
     gpusim.install(state)
@@ -130,9 +150,13 @@ def test_after_the_hold_another_user_takes_it_and_the_owner_reallocates(
     hub.spawn("ann", "mig-3g")
     first = hub.container("ann")
     slot = uuid_of(first)
-    wrote = engine.client.api.exec_start(engine.client.api.exec_create(
-        first.id, ["sh", "-c", "echo precious > /home/jovyan/work/notes.txt && echo ok"],
-        user="root"))
+    wrote = engine.client.api.exec_start(
+        engine.client.api.exec_create(
+            first.id,
+            ["sh", "-c", "echo precious > /home/jovyan/work/notes.txt && echo ok"],
+            user="root",
+        )
+    )
     assert wrote.strip() == b"ok", wrote
     hub.stop_server("ann")
     time.sleep(4)  # the hold ends
@@ -150,8 +174,9 @@ def test_after_the_hold_another_user_takes_it_and_the_owner_reallocates(
     # The old container is gone, the user's files are not.
     ids = {c.id for c in engine.client.containers.list(all=True)}
     assert first.id not in ids
-    out = engine.client.api.exec_start(engine.client.api.exec_create(
-        again.id, ["cat", "/home/jovyan/work/notes.txt"]))
+    out = engine.client.api.exec_start(
+        engine.client.api.exec_create(again.id, ["cat", "/home/jovyan/work/notes.txt"])
+    )
     assert out.strip() == b"precious"
 
 
