@@ -118,7 +118,13 @@ TOO_MANY_SERVERS = "too-many-servers"
 TOO_MANY_DEVICES = "too-many-devices"
 FULL = "full"
 
-NO_GPUS_MESSAGE = "this server has no NVIDIA GPUs available: choose a CPU profile"
+
+
+def _no_gpus(inventory: Inventory) -> Refusal:
+    why = f" ({inventory.problems[0]})" if inventory.problems else ""
+    return Refusal(
+        NO_GPUS, f"this server has no NVIDIA GPUs available{why}: choose a CPU profile"
+    )
 
 
 class Taken:
@@ -330,7 +336,7 @@ def _choose_mig(
     if not candidates:
         here = ", ".join(inventory.mig_profiles()) or "none"
         if not inventory.gpus:
-            return Refusal(NO_GPUS, NO_GPUS_MESSAGE)
+            return _no_gpus(inventory)
         return Refusal(
             NO_SUCH_PROFILE,
             f"this host has no {request.mig_profile} MIG slices (MIG profiles here: {here}); "
@@ -392,7 +398,7 @@ def _choose_gpus(
         )
     candidates: list[Device] = [g for g in inventory.gpus if not g.mig_enabled]
     if not inventory.gpus:
-        return Refusal(NO_GPUS, NO_GPUS_MESSAGE)
+        return _no_gpus(inventory)
     if len(candidates) < request.gpus:
         return Refusal(
             NO_SUCH_PROFILE,

@@ -64,6 +64,14 @@ def refuse(message: str, reason: str, status: int = 400) -> SpawnException:
     return error
 
 
+def nanotime(stamp: str) -> str:
+    """Docker's RFC 3339 time with its fraction padded to nine digits (Go trims trailing
+    zeros, which would make text order differ from time order)."""
+    head, _, rest = stamp.partition(".")
+    digits = "".join(ch for ch in rest if ch.isdigit())
+    return f"{head.rstrip('Z')}.{digits.ljust(9, '0')[:9]}"
+
+
 _STATUS = {
     allocator.FORBIDDEN: 403,
     allocator.NO_SUCH_PROFILE: 400,
@@ -246,9 +254,41 @@ class GPUSpawner(DockerSpawner):
 
         return apply_user_options
 
+    _engine_checked: ClassVar[bool] = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reset_progress()
+        if not GPUSpawner._engine_checked:
+            GPUSpawner._engine_checked = True
+            self._log_engine()
+
+    def _log_engine(self) -> None:
+        """Say once, at start-up, whether Docker answers: a hub must come up without it."""
+        try:
+            version = self.client.version().get("Version", "?")
+            self.log.info("gpuspawner: Docker %s answers at %s", version, self.client.base_url)
+        except Exception as exc:
+            type(self)._client = None  # try again on the next call
+            self.log.error(
+                "gpuspawner: the Docker engine does not answer (%s); servers cannot start "
+                "until it does, running ones are left alone", exc
+            )
+
+    async def poll(self):
+        try:
+            return await super().poll()
+        except (docker.errors.DockerException, *_TRANSIENT) as exc:
+            if isinstance(exc, docker.errors.APIError) and exc.status_code and (
+                exc.status_code < 500
+            ):
+                raise
+            # The engine is down or restarting, not the container: claim nothing changed, so
+            # the hub keeps the server (Docker still has it) instead of forgetting it.
+            type(self)._client = None
+            self.log.warning("Docker does not answer a poll of %s (%s); assuming it still "
+                             "runs", self._log_name, exc)
+            return None
 
     def _reset_progress(self) -> None:
         self._events: list[dict[str, Any]] = []
@@ -312,9 +352,14 @@ class GPUSpawner(DockerSpawner):
         return policy
 
     def read_inventory(self) -> Inventory:
-        return inventory.read(
-            self.inventory_source, topology_file=self.topology_file, logger=self.log
-        )
+        """The GPUs; an inventory that cannot be read leaves CPU servers working."""
+        try:
+            return inventory.read(
+                self.inventory_source, topology_file=self.topology_file, logger=self.log
+            )
+        except inventory.InventoryError as exc:
+            self.log.error("GPU inventory (%s) cannot be read: %s", self.inventory_source, exc)
+            return Inventory(source="none", problems=(f"the GPU inventory cannot be read: {exc}",))
 
     def _groups(self) -> list[str]:
         try:
@@ -568,6 +613,16 @@ class GPUSpawner(DockerSpawner):
             self._reset_progress()
         try:
             return await self._start()
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+            if isinstance(exc, docker.errors.APIError):
+                raise
+            type(self)._client = None  # reconnect on the next call
+            raise refuse(
+                f"The Docker engine is not answering ({exc}), so no server can start now. "
+                "Try again in a minute; if it persists, tell an admin.",
+                "docker",
+                503,
+            ) from exc
         finally:
             self._spawn_done = True
             self._progress_changed.set()
@@ -792,31 +847,48 @@ class GPUSpawner(DockerSpawner):
     async def _lost_race(self) -> list[str]:
         """After create: did another creator take one of our devices at the same moment?
 
-        Every creator applies the same rule (the earlier of the two creations keeps the
-        device, container id breaking ties), so two hubs never both back off or both stay.
+        Every creator applies the same rule, so two hubs never both stay: a running holder
+        keeps the device, and otherwise the earlier creation keeps it, by Docker's own
+        nanosecond ``Created`` time (one engine, one clock; the container id breaks a tie).
+        A container created after our check cannot be earlier than ours, so whoever checked
+        first and saw no rival is right to stay.
         """
         plan = self._plan or {}
         if not plan.get("uuids"):
             return []
         snap = await self.snapshot()
-        mine = next((a for a in snap.allocations if a.container_id == self.object_id), None)
-        if mine is None:
+        if not any(a.container_id == self.object_id for a in snap.allocations):
             return []
-        taken = allocator.Taken(snap.inventory, [a for a in snap.allocations
-                                                 if a.container_id != self.object_id])
-        lost = []
+        taken = allocator.Taken(
+            snap.inventory, [a for a in snap.allocations if a.container_id != self.object_id]
+        )
         devices = snap.inventory.by_uuid()
-        for uuid in plan["uuids"]:
-            device = devices.get(uuid)
-            if device is None:
+        rivals = {
+            other.container_id: (uuid, other)
+            for uuid in plan["uuids"]
+            if uuid in devices
+            for other in taken.blockers(devices[uuid])
+        }
+        if not rivals:
+            return []
+        mine = await self._created(self.object_id)
+        lost = []
+        for container_id, (uuid, other) in rivals.items():
+            if other.state == "running":
+                lost.append(uuid)
                 continue
-            for other in taken.blockers(device):
-                earlier = (other.created_at or mine.created_at, other.container_id) < (
-                    mine.created_at, mine.container_id
-                )
-                if other.state == "running" or earlier:
-                    lost.append(uuid)
-        return lost
+            theirs = await self._created(container_id)
+            if (theirs, container_id) < (mine, self.object_id):
+                lost.append(uuid)
+        return sorted(set(lost))
+
+    async def _created(self, container_id: str) -> str:
+        """Docker's Created time with all nine digits of nanoseconds, comparable as text."""
+        try:
+            attrs = await self.docker("inspect_container", container_id)
+        except docker.errors.NotFound:
+            return "9999"  # gone already: it backed off
+        return nanotime(str(attrs.get("Created", "")))
 
     async def _wait_for_device(self, snap: Snapshot, request: Request, limits: Any):
         key = f"{request.mig_profile}:{request.gpus}"

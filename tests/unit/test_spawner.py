@@ -1,0 +1,167 @@
+"""GPUSpawner's own logic without a hub: the form, the choice of profile, Docker retries.
+
+The spawner is built with a stand-in user and its snapshot replaced by plain data, so these
+tests say what a student sees for a given state of the world, in milliseconds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+import requests
+from dockerspawner import DockerSpawner
+from tornado import web
+
+from gpuspawner import allocator
+from gpuspawner.allocator import Request
+from gpuspawner.policy import Policy, parse_policy
+from gpuspawner.records import Inventory
+from gpuspawner.snapshot import Snapshot
+from gpuspawner.spawner import GPUSpawner
+
+from .hosts import holding, host
+
+PROFILES = [
+    {"display_name": "CPU only", "slug": "cpu"},
+    {
+        "display_name": "Small <GPU>",
+        "slug": "mig-1g",
+        "gpu": {"mig_profile": "1g.10gb"},
+        "default": True,
+    },
+    {"display_name": "Big", "slug": "mig-3g", "gpu": {"mig_profile": "3g.40gb"}},
+    {"display_name": "Whole", "slug": "gpu-1", "gpu": {"gpus": 1}},
+]
+HOST = host(["1g.10gb"] * 7, ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"], None)
+
+
+def make_spawner(
+    monkeypatch, inventory: Inventory = HOST, allocations=(), policy=None, **config
+) -> GPUSpawner:
+    user = SimpleNamespace(name="ann", groups=[], escaped_name="ann", url="/user/ann/", id=1)
+    spawner = GPUSpawner(user=user, profile_list=PROFILES, **config)
+    world = Snapshot(
+        inventory,
+        tuple(allocations),
+        policy or Policy.default(),
+        frozenset(),
+        datetime.now(timezone.utc),
+    )
+
+    async def snapshot():
+        return world
+
+    monkeypatch.setattr(spawner, "snapshot", snapshot)
+    if policy is not None:
+        monkeypatch.setattr(spawner, "load_policy", lambda: policy)
+    return spawner
+
+
+def taken_3g():
+    choice = allocator.choose(
+        HOST, [], Policy.default().for_user("x").limits, Request("x", mig_profile="3g.40gb")
+    )
+    return [holding(choice, "x")]
+
+
+async def test_form_shows_live_availability_and_disables_full_profiles(monkeypatch):
+    spawner = make_spawner(monkeypatch, allocations=taken_3g())
+    form = await spawner._render_options_form()
+    assert "1g.10gb: 9 of 9 free" in form
+    assert "3g.40gb: 0 of 1 free - full" in form
+    assert "Small &lt;GPU&gt;" in form and "<GPU>" not in form  # escaped
+    big = form[form.index('value="mig-3g"') :].split(">", 1)[0]
+    assert "disabled" in big
+    small = form[form.index('value="mig-1g"') :].split(">", 1)[0]
+    assert "checked" in small and "disabled" not in small
+    assert 'value="gpu-1"' not in form  # the default policy allows no whole GPUs
+
+
+async def test_form_on_a_host_without_gpus(monkeypatch):
+    spawner = make_spawner(monkeypatch, inventory=Inventory(source="none"))
+    form = await spawner._render_options_form()
+    assert form.count(">unavailable: no NVIDIA GPUs on this host<") == 2
+    cpu = form[form.index('value="cpu"') :].split(">", 1)[0]
+    assert "disabled" not in cpu
+
+
+async def test_form_when_docker_does_not_answer(monkeypatch):
+    spawner = make_spawner(monkeypatch)
+
+    async def down():
+        raise web.HTTPError(503, "The Docker engine is not answering")
+
+    monkeypatch.setattr(spawner, "snapshot", down)
+    form = await spawner._render_options_form()
+    assert "availability unknown" in form and 'value="mig-1g"' in form
+
+
+async def test_only_a_permitted_profile_slug_is_accepted(monkeypatch):
+    policy = parse_policy("defaults: {allowed_profiles: [cpu, mig-1g]}\n")
+    spawner = make_spawner(monkeypatch, policy=policy)
+    spawner.user_options = {"profile": "mig-1g"}
+    assert (await spawner.resolve_profile()).slug == "mig-1g"
+    spawner.user_options = {}
+    assert (await spawner.resolve_profile()).slug == "mig-1g"  # the default
+    for bad in ({"profile": "mig-3g"}, {"profile": "nope"}):
+        spawner.user_options = bad
+        with pytest.raises(web.HTTPError) as info:
+            await spawner.resolve_profile()
+        assert info.value.status_code == 400
+        assert "Profiles you may choose: cpu, mig-1g." in info.value.log_message
+    spawner.user_options = {"profile": "cpu", "image": "evil:latest", "device_ids": ["0"]}
+    with pytest.raises(web.HTTPError, match="Only a profile can be chosen") as info:
+        await spawner.resolve_profile()
+    assert info.value.status_code == 400
+
+
+def test_options_from_form():
+    spawner = GPUSpawner(user=SimpleNamespace(name="ann"))
+    assert spawner.options_from_form({"profile": ["mig-1g"]}) == {"profile": "mig-1g"}
+    assert spawner.options_from_form({}) == {}
+
+
+def test_transient_docker_failures_are_retried(monkeypatch):
+    spawner = GPUSpawner(user=SimpleNamespace(name="ann"), docker_retries=3)
+    calls = []
+
+    def flaky(self, method, *args, **kwargs):
+        calls.append(method)
+        if len(calls) < 3:
+            raise requests.exceptions.ConnectionError("engine restarting")
+        return {"ok": True}
+
+    monkeypatch.setattr(DockerSpawner, "_docker", flaky)
+    monkeypatch.setattr("gpuspawner.spawner.time.sleep", lambda s: None)
+    assert spawner._docker("inspect_container", "x") == {"ok": True}
+    assert calls == ["inspect_container"] * 3
+    calls.clear()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        spawner._docker("create_container", image="x")  # never retried: it may have worked
+    assert calls == ["create_container"]
+
+
+def test_inventory_errors_leave_cpu_servers_working(monkeypatch, tmp_path):
+    spawner = GPUSpawner(
+        user=SimpleNamespace(name="ann"),
+        inventory_source="file",
+        topology_file=str(tmp_path / "missing.yaml"),
+    )
+    inv = spawner.read_inventory()
+    assert inv.source == "none" and "cannot be read" in inv.problems[0]
+    refusal = allocator.choose(
+        inv, [], Policy.default().for_user("ann").limits, Request("ann", mig_profile="1g.10gb")
+    )
+    assert refusal.code == allocator.NO_GPUS and "cannot be read" in refusal.message
+
+
+def test_docker_times_compare_in_time_order():
+    from gpuspawner.spawner import nanotime
+
+    a = nanotime("2026-11-24T13:50:18.12Z")
+    b = nanotime("2026-11-24T13:50:18.123Z")
+    c = nanotime("2026-11-24T13:50:18Z")
+    assert c < a < b
+    assert nanotime("2026-11-24T13:50:18.123456789Z") == "2026-11-24T13:50:18.123456789"
