@@ -632,7 +632,10 @@ class GPUSpawner(DockerSpawner):
     async def _start(self):
         profile = await self.resolve_profile()
         self._apply_overrides(profile)
+        # The slug in user_options is what JupyterHub's admin panel shows for the server.
         self.user_options = {**(self.user_options or {}), "profile": profile.slug}
+        if getattr(self, "orm_spawner", None) is not None:
+            self.orm_spawner.user_options = self.user_options
         self._progress(10, f"Profile {profile.display_name} ({profile.request_label()})")
         await self.pull_image(self.image)
         wanted_ports = self._wanted_ports(profile)

@@ -98,8 +98,14 @@ def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path
         assert binding["HostPort"] == c.labels["ds01.port.ssh"]
         assert f"GPUSPAWNER_PORT_SSH={c.labels['ds01.port.ssh']}" in c.attrs["Config"]["Env"]
         assert hub.get(f"/user/{user}/api/status").status_code == 200
+    # JupyterHub's admin panel shows the chosen profile, also for a default spawn.
+    assert hub.server_model("ann")["user_options"] == {"profile": "mig-1g"}
+    hub.spawn("fay")
+    assert hub.server_model("fay")["user_options"] == {"profile": "cpu"}
     # The spawn page told the last user what was chosen.
+    hub.spawn("gus", "mig-3g")
     assert any(m.startswith("Host ports: ssh 4") for m in hub.last_progress), hub.last_progress
+    assert any(m.startswith("Device chosen: MIG 3g.40gb") for m in hub.last_progress)
 
 
 def test_full_profile_is_refused_at_once_with_the_reason(make_hub: MakeHub, gpusim):

@@ -1,0 +1,64 @@
+"""The back-off rule when two creators take the same device at the same instant.
+
+Two hubs (or a hub and a `docker run`) can both read "slice free" before either creates its
+container. After creating, each re-reads Docker and applies the same rule; exactly one keeps
+the device, whatever order the checks run in.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+
+from gpuspawner import inventory, labels
+from gpuspawner.spawner import GPUSpawner
+
+from .test_ledger import make
+
+pytestmark = pytest.mark.docker
+
+
+def claim(engine, image, user, mig) -> str:
+    labelset = labels.encode(
+        hub=f"hub-{user}", user=user, server="", profile="mig-3g",
+        created_at=datetime.now(timezone.utc), slots=[mig.slot], uuids=[mig.uuid],
+        parent_uuids=[mig.parent_uuid], gis=[mig.gi], gpu_profile=mig.profile,
+        equivalents=mig.equivalents,
+    )
+    return make(engine, image, f"jupyter-{user}", labelset=labelset, device_ids=[mig.uuid],
+                start=False)
+
+
+def spawner_for(gpusim, user: str, container_id: str, uuid: str) -> GPUSpawner:
+    spawner = GPUSpawner(user=SimpleNamespace(name=user, groups=[]), inventory_source="file",
+                         topology_file=str(gpusim.state_path))
+    spawner.object_id = container_id
+    spawner._plan = {"uuids": (uuid,)}
+    return spawner
+
+
+@pytest.mark.parametrize("check_order", [("first", "second"), ("second", "first")])
+async def test_exactly_one_of_two_creators_keeps_the_device(
+    engine, gpusim, base_image, monkeypatch, check_order
+):
+    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
+    mig = next(m for m in inventory.read("file", topology_file=gpusim.state_path).migs
+               if m.profile == "3g.40gb")
+    ids = {"first": claim(engine, base_image, "ann", mig),
+           "second": claim(engine, base_image, "bo", mig)}
+    users = {"first": "ann", "second": "bo"}
+    lost = {}
+    for who in check_order:
+        lost[who] = await spawner_for(gpusim, users[who], ids[who], mig.uuid)._lost_race()
+    assert lost == {"first": [], "second": [mig.uuid]}
+
+
+async def test_a_running_holder_always_wins(engine, gpusim, base_image, monkeypatch):
+    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
+    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
+    ours = claim(engine, base_image, "ann", mig)
+    # Someone runs a container on the same slice by hand, after our create.
+    make(engine, base_image, "by-hand", device_ids=[mig.uuid])
+    assert await spawner_for(gpusim, "ann", ours, mig.uuid)._lost_race() == [mig.uuid]
