@@ -12,7 +12,15 @@
 #   GPUSPAWNER_HUB_ID         this hub's id in the ds01.hub label (default: jupyterhub)
 #   GPUSPAWNER_HUB_CONNECT_IP address containers reach the hub on (the Docker bridge gateway)
 #   GPUSPAWNER_ADMINS         comma-separated admin user names
+#   GPUSPAWNER_NETWORK        Docker network the servers join (docker-compose.yml)
+#   GPUSPAWNER_BIND_URL       public URL the proxy listens on (default: http://:8000)
+#   GPUSPAWNER_VOLUMES        "0" to give servers no persistent home volume
+#   GPUSPAWNER_CULL_IDLE      seconds after which idle servers are stopped (idle culler)
+#   GPUSPAWNER_DEMO_USERS     demo only: comma-separated users of a shared-password login
+#   GPUSPAWNER_DEMO_PASSWORD  demo only: that password (never on a real host)
+import importlib.util
 import os
+import sys
 
 c = get_config()  # noqa: F821 - provided by JupyterHub
 
@@ -25,12 +33,19 @@ c.JupyterHub.hub_ip = "0.0.0.0"
 if env("GPUSPAWNER_HUB_CONNECT_IP"):
     c.JupyterHub.hub_connect_ip = env("GPUSPAWNER_HUB_CONNECT_IP")
 c.DockerSpawner.host_ip = "127.0.0.1"
+if env("GPUSPAWNER_NETWORK"):
+    # A hub in a container: servers join its network and are reached by their address.
+    c.DockerSpawner.network_name = env("GPUSPAWNER_NETWORK")
+    c.DockerSpawner.use_internal_ip = True
 c.JupyterHub.allow_named_servers = True
 
 c.DockerSpawner.image = env("GPUSPAWNER_IMAGE", "quay.io/jupyter/base-notebook:latest")
 # Keep stopped containers: that is what holds a student's slice for gpu_hold_after_stop.
 c.DockerSpawner.remove = False
-c.DockerSpawner.volumes = {"jupyterhub-user-{username}": "/home/jovyan/work"}
+if env("GPUSPAWNER_VOLUMES", "1") != "0":
+    c.DockerSpawner.volumes = {"jupyterhub-user-{username}": "/home/jovyan/work"}
+if env("GPUSPAWNER_BIND_URL"):
+    c.JupyterHub.bind_url = env("GPUSPAWNER_BIND_URL")
 c.Spawner.start_timeout = 180
 
 c.GPUSpawner.hub_id = env("GPUSPAWNER_HUB_ID", "jupyterhub")
@@ -78,3 +93,39 @@ c.GPUSpawner.profile_list = [
 admins = {name.strip() for name in env("GPUSPAWNER_ADMINS", "").split(",") if name.strip()}
 if admins:
     c.Authenticator.admin_users = admins
+
+# The demo's login: a few named users sharing one password. A real hub configures its own
+# authenticator (LDAP, OAuth, PAM) here instead.
+if env("GPUSPAWNER_DEMO_USERS"):
+    c.JupyterHub.authenticator_class = "dummy"
+    c.DummyAuthenticator.password = env("GPUSPAWNER_DEMO_PASSWORD", "demo")
+    c.Authenticator.allowed_users = {
+        name.strip() for name in env("GPUSPAWNER_DEMO_USERS").split(",") if name.strip()
+    }
+
+c.JupyterHub.services = []
+c.JupyterHub.load_roles = []
+
+# The admin page, JSON API and metrics: a Hub-managed service at /services/gpu-allocations/.
+if importlib.util.find_spec("gpuspawner.admin"):
+    import gpuspawner.admin
+
+    # The service reads the same settings as the spawner (passed from ``c``); the simulated
+    # host's state file is passed on too when the demo runs on one.
+    simulated = {"GPUSIM_STATE": env("GPUSIM_STATE")} if env("GPUSIM_STATE") else {}
+    c.JupyterHub.services.append(gpuspawner.admin.service(c, environment=simulated))
+    c.JupyterHub.load_roles.append(gpuspawner.admin.role())
+
+# Stopping idle servers is jupyterhub-idle-culler's job; their slices are then held for the
+# policy's gpu_hold_after_stop and freed after it.
+if env("GPUSPAWNER_CULL_IDLE") and importlib.util.find_spec("jupyterhub_idle_culler"):
+    c.JupyterHub.services.append({
+        "name": "idle-culler",
+        "command": [sys.executable, "-m", "jupyterhub_idle_culler",
+                    f"--timeout={int(env('GPUSPAWNER_CULL_IDLE'))}"],
+    })
+    c.JupyterHub.load_roles.append({
+        "name": "idle-culler",
+        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+        "services": ["idle-culler"],
+    })

@@ -189,10 +189,11 @@ def usage(allocations: Iterable[Allocation], user: str, server: str | None = Non
     """GPU-equivalents a user holds, not counting ``server`` (the one being (re)started)."""
     return round(
         sum(
-            a.equivalents
+            float(a.equivalents)
             for a in allocations
             if a.holds and a.managed and a.user == user and a.server != server
-        ),
+        )
+        + 0.0,
         6,
     )
 

@@ -145,9 +145,7 @@ def cmd_user(args, world: World) -> int:
     return EXIT_OK if mine else EXIT_PROBLEM
 
 
-def cmd_doctor(args, world: World | None) -> int:
-    if world is None:
-        return EXIT_DOCKER
+def cmd_doctor(args, world: World) -> int:
     checks = health.run_all(world.client, world.snapshot, _port_range(args.ports))
     marks = {health.OK: "ok  ", health.WARN: "warn", health.FAIL: "FAIL"}
     _emit(args, [c.to_json() for c in checks],
@@ -247,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except LedgerError as exc:
         if args.command == "doctor":
-            print(f"[FAIL] docker: {exc}")
+            check = health.Check("docker", health.FAIL, str(exc))
+            _emit(args, [check.to_json()], f"[FAIL] docker: {exc}")
         else:
             print(f"gpuspawner: {exc}", file=sys.stderr)
         return EXIT_DOCKER if args.command != "doctor" else EXIT_PROBLEM

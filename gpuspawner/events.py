@@ -65,21 +65,28 @@ class EventLog:
         """The newest ``limit`` events, oldest first (from the file when there is one)."""
         if self.path is None:
             with self._lock:
-                return list(self._recent)[-limit:]
+                return list(self._recent)[-limit:] if limit > 0 else []
         return list(tail(self.path, limit))
 
 
 def tail(path: str | os.PathLike[str], limit: int = 200) -> Iterator[dict[str, Any]]:
     """The last ``limit`` parseable lines of a log; a torn or foreign line is skipped."""
+    if limit <= 0:
+        return
     try:
         with open(path, encoding="utf-8", errors="replace") as source:
-            lines = deque(source, maxlen=limit)
+            lines = deque(source, maxlen=limit + 64)  # slack for lines that do not parse
     except FileNotFoundError:
         return
+    except OSError as exc:
+        log.warning("operation log %s cannot be read: %s", path, exc)
+        return
+    entries = []
     for line in lines:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(entry, dict):
-            yield entry
+            entries.append(entry)
+    yield from entries[-limit:]

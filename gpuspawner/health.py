@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .records import JSONRecord
+from .records import RUNNING, JSONRecord
 from .snapshot import Snapshot
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -81,7 +81,10 @@ def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -
     missing = snap.missing_uuids()
     if missing:
         holders = sorted({a.container_name for found in missing.values() for a in found})
-        live = sorted({a.container_name for found in missing.values() for a in found if a.holds})
+        # A stopped server on a gone device re-allocates at its next start; only a running
+        # one is really broken.
+        live = sorted({a.container_name for found in missing.values() for a in found
+                       if a.state == RUNNING})
         status = FAIL if live else WARN
         checks.append(Check(
             "missing-uuids", status,

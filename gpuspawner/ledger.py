@@ -83,6 +83,8 @@ def device_facts(attrs: Mapping[str, Any]) -> DeviceFacts:
         capabilities = {c for group in request.get("Capabilities") or [] for c in group}
         if request.get("Driver") != "nvidia" and "gpu" not in capabilities:
             continue
+        if capabilities and capabilities <= {"utility"}:
+            continue  # NVML / nvidia-smi only (a hub reading the GPUs): runs nothing on them
         ids.extend(request.get("DeviceIDs") or [])
         wanted = request.get("Count") or 0
         if wanted < 0 or count < 0:

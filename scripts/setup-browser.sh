@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Installs Debian's chromium (and a font set so screenshots show real glyphs) for the admin
-# page's browser tests, as root, idempotently. The tests drive this browser through the
-# playwright Python package with executable_path=/usr/bin/chromium: no browser is ever
-# downloaded from anywhere but Debian's archive.
+# Installs Debian's browser package (and fonts, so screenshots show real glyphs) for the
+# admin page's browser tests, as root, idempotently. The tests drive /usr/bin/chromium from
+# Python: no browser is ever downloaded from anywhere but Debian's archive.
 set -euo pipefail
 
 APT_PACKAGES=(chromium fonts-dejavu-core fonts-liberation)

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker.io debootstrap iproute2 iptables nodejs npm python3-venv ca-certificates curl)
+APT_PACKAGES=(docker.io docker-compose debootstrap iproute2 iptables nodejs npm python3-venv
+              ca-certificates curl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,14 +28,21 @@ if ! command -v configurable-http-proxy >/dev/null; then
   npm install -g --silent configurable-http-proxy >/dev/null
 fi
 
+# Debian's chromium for the admin page's browser test (never a downloaded browser).
+bash scripts/setup-browser.sh
+
 PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -e $stamp ]]; then
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  log=$(mktemp)
+  if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test,demo]'; } \
+       >"$log" 2>&1; then
+    cat "$log" >&2; echo "setup: pip install failed (above)" >&2; exit 1
+  fi
+  rm -f "$log"
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 echo "setup: ready (.venv, docker.io $(dpkg-query -W -f='${Version}' docker.io), node $(node --version))"

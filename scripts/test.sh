@@ -9,5 +9,5 @@ if [[ $(id -u) != 0 ]]; then
   exit 2
 fi
 bash scripts/setup.sh
-.venv/bin/ruff check gpuspawner tests benchmarks scripts jupyterhub_config.py
+.venv/bin/ruff check gpuspawner tests benchmarks scripts docker jupyterhub_config.py
 exec .venv/bin/pytest -ra "$@"

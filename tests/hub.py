@@ -409,3 +409,37 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+# ---------------------------------------------------------------- login helpers (admin page)
+
+
+def hub_password(hub: RunningHub) -> str:
+    """The DummyAuthenticator password of a started hub, read back from its generated config."""
+    import re
+
+    found = re.search(r"^c\.DummyAuthenticator\.password = '([0-9a-f]+)'$",
+                      hub.config_path.read_text(), re.MULTILINE)
+    if not found:
+        raise HubError(f"no DummyAuthenticator password in {hub.config_path}")
+    return found.group(1)
+
+
+def login(hub: RunningHub, username: str) -> requests.Session:
+    """A requests.Session logged in to the hub as ``username``, as a browser would be: the
+    login form's ``_xsrf`` field is sent back with the password, and the cookies are kept."""
+    import re
+
+    session = requests.Session()
+    session.trust_env = False
+    form = session.get(f"{hub.url}/hub/login", timeout=30)
+    form.raise_for_status()
+    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', form.text)
+    data = {"username": username, "password": hub_password(hub)}
+    if xsrf:
+        data["_xsrf"] = xsrf.group(1)
+    response = session.post(f"{hub.url}/hub/login", data=data, timeout=30,
+                            allow_redirects=False)
+    if response.status_code not in (301, 302, 303):
+        raise HubError(f"login of {username} failed: {response.status_code} {response.text[:300]}")
+    return session

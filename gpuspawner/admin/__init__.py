@@ -115,6 +115,9 @@ def service(
         value = _configured(config, trait)
         if value not in (None, ""):
             env[variable] = _env_value(trait, value)
+    client_kwargs = _configured(config, "client_kwargs")
+    if isinstance(client_kwargs, Mapping) and client_kwargs.get("base_url"):
+        env["DOCKER_HOST"] = str(client_kwargs["base_url"])  # the engine DockerSpawner uses
     if config is not None and "GPUSPAWNER_HUB_ID" not in env:
         env["GPUSPAWNER_HUB_ID"] = "jupyterhub"  # the spawner's default hub_id
     if metrics_public:
@@ -155,11 +158,12 @@ def custom_scopes() -> dict[str, dict[str, str]]:
 def viewer_role(
     users: Iterable[str] = (),
     groups: Iterable[str] = (),
+    services: Iterable[str] = (),
     *,
     name: str | None = None,
     service_name: str = DEFAULT_NAME,
 ) -> dict[str, Any]:
-    """A role for people who may look but not act (e.g. teaching assistants).
+    """A role for people (e.g. teaching assistants) and scripts that may look but not act.
 
     It needs both scopes: the Hub's access scope, without which the Hub refuses the login to
     the service at all, and the view scope, which the service checks.
@@ -170,4 +174,5 @@ def viewer_role(
         "scopes": [f"access:services!service={service_name}", VIEW_SCOPE],
         "users": list(users),
         "groups": list(groups),
+        "services": list(services),
     }

@@ -1,0 +1,511 @@
+"""The admin service: the handlers of the pages, the JSON API, the actions and /metrics.
+
+Who may do what (checked on every request, cookie or token alike):
+- the Hub lets a browser in only with ``access:services!service=<name>`` (admins have it);
+- **view** (pages, JSON API, metrics): a JupyterHub admin, or a token carrying
+  ``custom:gpuspawner:view`` (teaching assistants, dashboards);
+- **act** (release a hold, stop a server): JupyterHub admins only;
+- ``/metrics`` also accepts a token with the Hub's own ``read:metrics`` scope, so one
+  Prometheus token scrapes both, and can be made public like the Hub's own metrics.
+
+Actions are POST only, with the Hub's XSRF protection for cookie sessions (a request with an
+``Authorization`` header is a script: browsers never add that header cross-site, and a bad
+token never falls back to the cookie). Every action is written to the operation log with
+the admin's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import docker.errors
+from jupyterhub.services.auth import (
+    HubOAuth,
+    HubOAuthCallbackHandler,
+    HubOAuthenticated,
+    check_scopes,
+)
+from tornado import web
+from tornado.httpserver import HTTPServer
+
+from .. import events, health
+from ..inventory import InventoryError
+from ..ledger import LedgerError
+from ..policy import PolicyError
+from ..records import JSONRecord
+from ..snapshot import Snapshot
+from . import VIEW_SCOPE, metrics, views
+from .hubapi import HubAPI, HubUser
+from .render import PAGES, STATIC, Page, Renderer
+from .settings import Settings, SettingsError
+from .world import World
+
+log = logging.getLogger("gpuspawner.admin")
+T = TypeVar("T")
+
+#: Scope of the Hub's own /hub/metrics; accepted for ours too.
+METRICS_SCOPE = "read:metrics"
+
+
+@dataclass(frozen=True)
+class Access(JSONRecord):
+    """What one authenticated user or service may do here."""
+
+    name: str
+    kind: str
+    view: bool
+    act: bool
+    metrics: bool
+
+
+def access_of(model: dict[str, Any], access_scopes: set[str]) -> Access:
+    """The rule of this module's docstring, on a Hub user/service model (pure)."""
+    scopes = set(model.get("scopes") or ())
+    entered = bool(check_scopes(access_scopes, scopes))
+    admin = bool(model.get("admin"))
+    view = entered and (admin or VIEW_SCOPE in scopes)
+    return Access(
+        name=str(model.get("name") or ""),
+        kind=str(model.get("kind") or "user"),
+        view=view,
+        act=entered and admin,
+        metrics=view or METRICS_SCOPE in scopes,
+    )
+
+
+class Admin:
+    """What every handler shares: settings, the world, the Hub client, the operation log."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        world: World,
+        hub: HubAPI,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.settings = settings
+        self.world = world
+        self.hub = hub
+        self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="gpuadmin")
+        self.renderer = Renderer()
+        self.event_log = events.EventLog(settings.events)
+        self.registry = metrics.registry(world.snapshot, settings.events)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Blocking work (Docker, NVML, files) off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+
+    async def snapshot(self, fresh: bool = False) -> Snapshot:
+        try:
+            return await self.run(self.world.snapshot, fresh)
+        except (LedgerError, PolicyError, InventoryError) as exc:
+            raise web.HTTPError(503, reason="cannot read the world", log_message=str(exc)) from exc
+
+    async def hub_users(self) -> dict[str, HubUser]:
+        return await self.hub.users()
+
+    def service_checks(self) -> list[health.Check]:
+        """Checks only the service can make: does the Hub answer, can actions be logged."""
+        found = []
+        if self.hub.error:
+            found.append(health.Check("hub-api", health.WARN,
+                                      f"{self.hub.error}; last activity is not shown"))
+        else:
+            found.append(health.Check("hub-api", health.OK,
+                                      f"the Hub API answers at {self.hub.api_url}"))
+        path = self.settings.events
+        if not path:
+            found.append(health.Check(
+                "operation-log", health.WARN,
+                "no operation log (GPUSPAWNER_EVENTS): refusals are not counted and admin "
+                "actions are not recorded; set GPUSpawner.events_file"))
+        elif os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK):
+            found.append(health.Check("operation-log", health.OK, f"writing to {path}"))
+        else:
+            found.append(health.Check("operation-log", health.FAIL,
+                                      f"{path} cannot be written by the service"))
+        return found
+
+    def health(self) -> list[health.Check]:
+        """``health.run_all`` (the checks of ``gpuspawner doctor``) plus the service's own."""
+        try:
+            client = self.world.client
+        except LedgerError as exc:
+            return [health.Check("docker", health.FAIL, str(exc)), *self.service_checks()]
+        checks = health.run_all(client, lambda: self.world.snapshot(fresh=True),
+                                self.settings.ports)
+        return checks + self.service_checks()
+
+
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    """Authentication and access for every page and API call (see the module docstring)."""
+
+    admin: Admin
+    access: Access
+    api = False  # API handlers answer 403 JSON instead of sending browsers to the login page
+    need = "view"
+
+    def initialize(self, admin: Admin) -> None:
+        self.admin = admin
+
+    @property
+    def has_token_header(self) -> bool:
+        return bool(self.request.headers.get("Authorization"))
+
+    def check_xsrf_cookie(self) -> None:
+        if self.has_token_header:
+            return  # a script with a token; the token is checked in prepare()
+        super().check_xsrf_cookie()
+
+    async def prepare(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        model = await self.hub_auth.get_user(self, sync=False)
+        if self.has_token_header and not getattr(self, "_token_authenticated", False):
+            model = None  # a bad token never falls back to the browser's cookie
+        if not model:
+            if not self.api and not self.has_token_header and self.request.method == "GET":
+                self.redirect(self.get_login_url())
+                return
+            raise web.HTTPError(403, log_message="log in through the Hub or send "
+                                "'Authorization: token <token>'")
+        scopes = self.hub_auth.access_scopes or {f"access:services!service={self.conf.name}"}
+        self.access = access_of(model, set(scopes))
+        if not getattr(self.access, self.need):
+            raise web.HTTPError(403, log_message=self.refusal())
+        self.current_user = model
+
+    @property
+    def conf(self) -> Settings:
+        return self.admin.settings
+
+    def refusal(self) -> str:
+        who = f"{self.access.kind} {self.access.name}"
+        if self.need == "act":
+            return f"{who} may look but not act: releasing holds and stopping servers is for " \
+                   "JupyterHub admins"
+        if self.need == "metrics":
+            return f"{who} may not read the metrics: they need admin, the {VIEW_SCOPE} scope " \
+                   f"or {METRICS_SCOPE}"
+        return f"{who} is not allowed here: this page is for JupyterHub admins and holders " \
+               f"of the {VIEW_SCOPE} scope"
+
+    def page(self) -> Page:
+        token = self.xsrf_token
+        return Page(
+            prefix=self.conf.prefix,
+            hub_prefix=self.conf.hub_prefix,
+            user=self.access.name,
+            can_act=self.access.act,
+            xsrf=token.decode() if isinstance(token, bytes) else str(token),
+            refresh=self.conf.refresh,
+            service=self.conf.name,
+            message=self.get_argument("message", "")[:500],
+        )
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(data, default=str))
+
+    def wants_json(self) -> bool:
+        """JSON for scripts and the page's own fetches; HTML for a browser's form post."""
+        accept = self.request.headers.get("Accept", "")
+        content = self.request.headers.get("Content-Type", "")
+        if "json" in accept or "json" in content or self.has_token_header:
+            return True
+        return self.api and "text/html" not in accept
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        self.clear_header("Location")
+        if self.wants_json():
+            self.write_json({"status": status_code, "message": message}, status_code)
+        elif hasattr(self, "access"):
+            page = Page(prefix=self.conf.prefix, hub_prefix=self.conf.hub_prefix,
+                        user=self.access.name, can_act=False, xsrf="",
+                        refresh=self.conf.refresh, service=self.conf.name)
+            self.finish(self.admin.renderer.error(page, status_code, message))
+        else:
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(f"{status_code}: {message}\n")
+
+
+# --------------------------------------------------------------------------- pages
+
+
+class OverviewPage(BaseHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        self.finish(self.admin.renderer.overview(self.page(), snap, self.conf.hub_id))
+
+
+class AllocationsPage(BaseHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        rows = views.allocation_rows(snap, await self.admin.hub_users(), self.conf.hub_id)
+        self.finish(self.admin.renderer.allocations(self.page(), rows))
+
+
+class UsersPage(BaseHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        rows = views.user_rows(snap, await self.admin.hub_users(), self.conf.idle_after)
+        self.finish(self.admin.renderer.users(self.page(), rows, self.conf.idle_after))
+
+
+class EventsPage(BaseHandler):
+    async def get(self) -> None:
+        entries = await self.admin.run(_tail, self.conf.events, 500)
+        self.finish(self.admin.renderer.events(self.page(), views.event_rows(entries),
+                                               self.conf.events))
+
+
+class HealthPage(BaseHandler):
+    async def get(self) -> None:
+        await self.admin.hub_users()  # so that the hub-api check reports a real answer
+        checks = await self.admin.run(self.admin.health)
+        self.finish(self.admin.renderer.health(self.page(), [c.to_json() for c in checks]))
+
+
+def _tail(path: str | None, limit: int) -> list[dict[str, Any]]:
+    return list(events.tail(path, limit)) if path else []
+
+
+# --------------------------------------------------------------------------- JSON API
+
+
+class ApiHandler(BaseHandler):
+    api = True
+
+
+class GpusApi(ApiHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        self.write_json([d.to_json() for d in snap.devices()])
+
+
+class OverviewApi(ApiHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        self.write_json(views.overview(snap, self.conf.hub_id).to_json())
+
+
+class AllocationsApi(ApiHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        users = await self.admin.hub_users()
+        self.write_json(views.allocation_rows(snap, users, self.conf.hub_id))
+
+
+class UsersApi(ApiHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        users = await self.admin.hub_users()
+        self.write_json(views.user_rows(snap, users, self.conf.idle_after))
+
+
+class AvailableApi(ApiHandler):
+    async def get(self) -> None:
+        snap = await self.admin.snapshot()
+        profile = self.get_argument("profile", "") or None
+        found = views.available(snap, profile)
+        if profile and not found:
+            have = ", ".join(snap.free_by_profile()) or "none"
+            raise web.HTTPError(404, log_message=f"no {profile} devices on this host (have: "
+                                f"{have})")
+        self.write_json(found)
+
+
+class EventsApi(ApiHandler):
+    async def get(self) -> None:
+        try:
+            limit = min(max(int(self.get_argument("limit", "200")), 1), 10_000)
+        except ValueError:
+            raise web.HTTPError(400, log_message="limit must be a whole number") from None
+        self.write_json(await self.admin.run(_tail, self.conf.events, limit))
+
+
+class HealthApi(ApiHandler):
+    async def get(self) -> None:
+        await self.admin.hub_users()  # so that the hub-api check reports a real answer
+        checks = await self.admin.run(self.admin.health)
+        self.write_json([c.to_json() for c in checks])
+
+
+class MetricsHandler(ApiHandler):
+    need = "metrics"
+
+    async def prepare(self) -> None:
+        if self.conf.metrics_public:
+            self.set_header("Cache-Control", "no-store")
+            return
+        await super().prepare()
+
+    async def get(self) -> None:
+        text = await self.admin.run(metrics.exposition, self.admin.registry)
+        self.set_header("Content-Type", metrics.CONTENT_TYPE)
+        self.finish(text)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+class ActionHandler(ApiHandler):
+    need = "act"
+
+    def field(self, name: str) -> str:
+        if "json" in self.request.headers.get("Content-Type", ""):
+            try:
+                data = json.loads(self.request.body or b"{}")
+            except ValueError:
+                raise web.HTTPError(400, log_message="the body is not JSON") from None
+            value = data.get(name, "") if isinstance(data, dict) else ""
+            return value if isinstance(value, str) else ""
+        return self.get_body_argument(name, "")
+
+    def done(self, message: str, **extra: Any) -> None:
+        if self.wants_json():
+            self.write_json({"ok": True, "message": message, **extra})
+            return
+        target = self.field("next")
+        known = {path for path, _ in PAGES}
+        path = target if target in known else ""
+        self.redirect(f"{self.conf.prefix}{path}?{urlencode({'message': message})}",
+                      status=303)
+
+
+class ReleaseAction(ActionHandler):
+    """Release a hold now: remove the stopped container, keep its volumes."""
+
+    async def post(self) -> None:
+        cid = self.field("container").strip()
+        if not cid:
+            raise web.HTTPError(400, log_message="say which container: container=<id>")
+        snap = await self.admin.snapshot(fresh=True)
+        found = [a for a in snap.allocations if a.container_id == cid]
+        if not found:
+            raise web.HTTPError(404, log_message=f"no container {cid[:12]} holds or held a "
+                                "device; it may have been removed already")
+        allocation = found[0]
+        who = f"{allocation.user}/{allocation.server or '(default)'}"
+        if not allocation.managed:
+            raise web.HTTPError(409, log_message=f"{allocation.container_name} was not made by "
+                                "gpuspawner; the page removes only its own containers")
+        if not views.can_release(allocation, self.conf.hub_id):
+            if allocation.docker_status in ("running", "paused", "restarting"):
+                why = f"the server {who} is running; stop it first"
+            else:
+                why = f"{allocation.container_name} belongs to hub {allocation.hub}"
+            raise web.HTTPError(409, log_message=why)
+        try:
+            await self.admin.run(self.admin.world.release, cid)
+        except docker.errors.NotFound:
+            raise web.HTTPError(404, log_message=f"{allocation.container_name} is already "
+                                "gone") from None
+        except (LedgerError, docker.errors.APIError) as exc:
+            raise web.HTTPError(409, log_message=str(exc)) from exc
+        self.admin.event_log.write(
+            events.GPU_RELEASE, user=allocation.user, server=allocation.server,
+            container=allocation.container_name, uuids=list(allocation.uuids),
+            slots=list(allocation.slots), state=allocation.state, by=self.access.name,
+            via="admin-page",
+        )
+        devices = ", ".join(allocation.slots) or "no device"
+        log.info("%s released %s (%s) of %s", self.access.name, devices,
+                 allocation.container_name, who)
+        self.done(f"Released {devices} of {who}: container {allocation.container_name} "
+                  "removed, volumes kept", container=cid)
+
+
+class StopAction(ActionHandler):
+    """Stop a server through the Hub API (its container then keeps its hold as usual)."""
+
+    async def post(self) -> None:
+        user = self.field("user").strip()
+        server = self.field("server").strip()
+        if not user:
+            raise web.HTTPError(400, log_message="say whose server: user=<name>")
+        status, message = await self.admin.hub.stop_server(user, server)
+        who = f"{user}/{server or '(default)'}"
+        if status not in (202, 204):
+            code = status if 400 <= status < 600 else 502
+            raise web.HTTPError(code, log_message=f"the Hub did not stop {who}: "
+                                f"{message or status}")
+        self.admin.event_log.write(events.SERVER_STOP, user=user, server=server,
+                                   by=self.access.name, via="admin-page")
+        log.info("%s stopped server %s", self.access.name, who)
+        self.done(f"Stopping {who}" if status == 202 else f"Stopped {who}")
+
+
+# --------------------------------------------------------------------------- application
+
+
+#: Every handler, by path under the service prefix ("" is the overview page).
+ROUTES: tuple[tuple[str, type[BaseHandler]], ...] = (
+    ("", OverviewPage), ("allocations", AllocationsPage), ("users", UsersPage),
+    ("events", EventsPage), ("health", HealthPage),
+    ("api/gpus", GpusApi), ("api/overview", OverviewApi),
+    ("api/allocations", AllocationsApi), ("api/users", UsersApi),
+    ("api/available", AvailableApi), ("api/events", EventsApi), ("api/health", HealthApi),
+    ("api/release", ReleaseAction), ("api/stop", StopAction), ("metrics", MetricsHandler),
+)
+
+
+def make_app(admin: Admin) -> web.Application:
+    prefix = admin.settings.prefix
+    routes: list[Any] = [
+        (prefix + path, handler, {"admin": admin}) for path, handler in ROUTES
+    ]
+    routes.append((prefix + "oauth_callback", HubOAuthCallbackHandler))
+    if prefix != "/":
+        routes.append((prefix.rstrip("/"), web.RedirectHandler, {"url": prefix}))
+    return web.Application(
+        routes,
+        cookie_secret=os.urandom(32),
+        xsrf_cookies=True,
+        compress_response=True,  # the overview JSON of 50 GPUs is ~190 KiB, ~11 KiB gzipped
+        static_path=str(STATIC),
+        static_url_prefix=prefix + "static/",
+    )
+
+
+async def serve(settings: Settings) -> None:
+    HubOAuth.instance()  # the one instance the handlers and the OAuth callback share
+    world = World(settings)
+    hub = HubAPI(settings.hub_api_url, os.environ.get("JUPYTERHUB_API_TOKEN"))
+    admin = Admin(settings, world, hub)
+    server = HTTPServer(make_app(admin), xheaders=True)
+    server.listen(settings.bind_port, settings.bind_host)
+    log.info("GPU allocations page at %s, listening on %s:%d", settings.prefix,
+             settings.bind_host, settings.bind_port)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gpuspawner.admin``: run as a Hub-managed service (settings from env)."""
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(levelname).1s %(asctime)s %(name)s] %(message)s")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"gpuspawner.admin: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,179 @@
+"""Prometheus metrics of the admin service: a collector that reads one Snapshot per scrape.
+
+The metrics are computed at scrape time from the same Snapshot the page shows (so a graph
+and the page never disagree), in the service's own CollectorRegistry (so nothing of the
+process's default registry leaks in). Refusals come from the operation log, counted
+incrementally: a scrape reads only the lines written since the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..allocator import Taken
+from ..events import GPU_REFUSE
+from ..records import MigDevice
+from ..snapshot import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EventCounter:
+    """Counts ``event`` lines of a JSON-lines log by the value of ``key``, reading only new lines.
+
+    A log that shrank or was replaced (rotation) is counted again from its start; Prometheus
+    takes the drop as a counter reset, which is what it is.
+    """
+
+    def __init__(self, path: str | None, event: str = GPU_REFUSE, key: str = "code") -> None:
+        self.path = path
+        self.event = event
+        self.key = key
+        self._lock = threading.Lock()
+        self._offset = 0
+        self._inode: int | None = None
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def counts(self) -> dict[str, int]:
+        if not self.path:
+            return {}
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+            except FileNotFoundError:
+                return dict(self._counts)
+            if stat.st_ino != self._inode or stat.st_size < self._offset:
+                self._inode, self._offset = stat.st_ino, 0
+                self._counts = defaultdict(int)
+            if stat.st_size > self._offset:
+                with open(self.path, "rb") as source:
+                    source.seek(self._offset)
+                    chunk = source.read(stat.st_size - self._offset)
+                complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits
+                self._offset += len(complete)
+                for line in complete.splitlines():
+                    self._count(line)
+            return dict(self._counts)
+
+    def _count(self, line: bytes) -> None:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(entry, dict) and entry.get("event") == self.event:
+            self._counts[str(entry.get(self.key) or "unknown")] += 1
+
+
+class SnapshotCollector:
+    """The custom collector: every family is computed from one snapshot per scrape."""
+
+    def __init__(self, take_snapshot: Callable[[], Snapshot], refusals: EventCounter) -> None:
+        self.take_snapshot = take_snapshot
+        self.refusals = refusals
+
+    def describe(self) -> list[Metric]:
+        return []  # computed at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("gpuspawner_up", "1 when Docker and the inventory could be read")
+        started = time.monotonic()
+        try:
+            snap = self.take_snapshot()
+        except Exception:  # a scrape must answer; the failure is the metric
+            up.add_metric([], 0.0)
+            yield up
+            yield from self._refusals()
+            return
+        up.add_metric([], 1.0)
+        yield up
+        took = GaugeMetricFamily("gpuspawner_snapshot_seconds",
+                                 "Seconds to read Docker, the GPUs and the policy")
+        took.add_metric([], time.monotonic() - started)
+        yield took
+        yield from self._slots(snap)
+        yield from self._holders(snap)
+        yield from self._refusals()
+
+    def _slots(self, snap: Snapshot) -> Iterator[Metric]:
+        total = GaugeMetricFamily("gpuspawner_gpu_slots",
+                                  "Devices that can be allocated, per GPU and profile",
+                                  labels=["gpu", "profile"])
+        used = GaugeMetricFamily("gpuspawner_gpu_slots_used",
+                                 "Devices held (running, starting or held after stop)",
+                                 labels=["gpu", "profile"])
+        inv = snap.inventory
+        taken = Taken(inv, snap.allocations)
+        rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for gpu in inv.gpus:
+            devices: list[Any] = list(inv.migs_of(gpu)) if gpu.mig_enabled else [gpu]
+            for device in devices:
+                profile = device.profile if isinstance(device, MigDevice) else "gpu"
+                row = rows[(str(gpu.index), profile)]
+                row[0] += 1
+                row[1] += 1 if taken.blockers(device) else 0
+        for (gpu_index, profile), (count, busy) in sorted(rows.items()):
+            total.add_metric([gpu_index, profile], count)
+            used.add_metric([gpu_index, profile], busy)
+        yield total
+        yield used
+        free = GaugeMetricFamily("gpuspawner_profile_free", "Free devices per profile",
+                                 labels=["profile"])
+        for profile, (count, _) in snap.free_by_profile().items():
+            free.add_metric([profile], count)
+        yield free
+
+    def _holders(self, snap: Snapshot) -> Iterator[Metric]:
+        per_user = GaugeMetricFamily("gpuspawner_allocations",
+                                     "gpuspawner containers holding devices, per user and state",
+                                     labels=["user", "state"])
+        equivalents = GaugeMetricFamily("gpuspawner_user_gpu_equivalents",
+                                        "GPU-equivalents held per user", labels=["user"])
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        users: set[str] = set()
+        for a in snap.allocations:
+            if a.managed and a.user and a.holds and (a.uuids or a.slots or a.gpu_count):
+                counts[(a.user, a.state)] += 1
+                users.add(a.user)
+        for (user, state), count in sorted(counts.items()):
+            per_user.add_metric([user, state], count)
+        for user in sorted(users):
+            equivalents.add_metric([user], snap.usage(user))
+        yield per_user
+        yield equivalents
+        unmanaged = GaugeMetricFamily("gpuspawner_unmanaged_holders",
+                                      "Containers holding GPUs without gpuspawner labels")
+        unmanaged.add_metric([], len(snap.unmanaged()))
+        yield unmanaged
+        missing = GaugeMetricFamily("gpuspawner_missing_uuids",
+                                    "Labelled device UUIDs the inventory no longer has")
+        missing.add_metric([], len(snap.missing_uuids()))
+        yield missing
+
+    def _refusals(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily("gpuspawner_allocation_refusals",
+                                      "Spawns refused, by reason (from the operation log)",
+                                      labels=["code"])
+        for code, count in sorted(self.refusals.counts().items()):
+            refused.add_metric([code], count)
+        yield refused
+
+
+def registry(take_snapshot: Callable[[], Snapshot], events_path: str | None) -> CollectorRegistry:
+    """The service's own registry with the snapshot collector in it."""
+    own = CollectorRegistry(auto_describe=False)
+    own.register(SnapshotCollector(take_snapshot, EventCounter(events_path)))  # type: ignore[arg-type]
+    return own
+
+
+def exposition(own: CollectorRegistry) -> bytes:
+    """The text format of every metric (blocking: reads Docker; call it in the executor)."""
+    return generate_latest(own)

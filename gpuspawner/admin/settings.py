@@ -1,0 +1,105 @@
+"""The admin service's settings, read once from the environment the Hub gives it.
+
+The Hub passes what a managed service needs (``JUPYTERHUB_*``), and ``admin.service(c)``
+passes the spawner's settings under the same ``GPUSPAWNER_*`` names the ``gpuspawner`` CLI
+reads, so the page, the CLI and the spawner agree on the world. A bad value stops the service
+at start with a sentence naming the variable, instead of a page that half works.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from ..inventory import SOURCES
+from ..policy import parse_duration
+from ..records import JSONRecord
+from . import DEFAULT_NAME, DEFAULT_PORT
+
+
+class SettingsError(ValueError):
+    """An environment variable the admin must fix; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings(JSONRecord):
+    name: str = DEFAULT_NAME
+    #: URL path the proxy routes to us, with the trailing slash (``/services/<name>/``).
+    prefix: str = f"/services/{DEFAULT_NAME}/"
+    bind_host: str = "127.0.0.1"
+    bind_port: int = DEFAULT_PORT
+    hub_api_url: str = "http://127.0.0.1:8081/hub/api"
+    #: The Hub's own URL prefix (``/hub/``), for its static CSS, logo and home page.
+    hub_prefix: str = "/hub/"
+    docker_host: str | None = None
+    policy: str | None = None
+    inventory: str = "auto"
+    topology: str | None = None
+    events: str | None = None
+    ports: tuple[int, int] = (40000, 40999)
+    hub_id: str | None = None
+    #: A holder whose last activity is older than this is listed as idle.
+    idle_after: float = 3600.0
+    #: Seconds between the page's refreshes.
+    refresh: float = 5.0
+    metrics_public: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        name = env.get("JUPYTERHUB_SERVICE_NAME") or DEFAULT_NAME
+        prefix = env.get("JUPYTERHUB_SERVICE_PREFIX") or f"/services/{name}/"
+        if not prefix.endswith("/"):
+            prefix += "/"
+        url = urlparse(env.get("JUPYTERHUB_SERVICE_URL") or f"http://127.0.0.1:{DEFAULT_PORT}")
+        base = env.get("JUPYTERHUB_BASE_URL") or "/"
+        if not base.endswith("/"):
+            base += "/"
+        inventory = env.get("GPUSPAWNER_INVENTORY") or "auto"
+        if inventory not in SOURCES:
+            raise SettingsError(
+                f"GPUSPAWNER_INVENTORY={inventory!r} is not an inventory source; "
+                f"use one of {', '.join(SOURCES)}"
+            )
+        return cls(
+            name=name,
+            prefix=prefix,
+            bind_host=url.hostname or "127.0.0.1",
+            bind_port=url.port or DEFAULT_PORT,
+            hub_api_url=(env.get("JUPYTERHUB_API_URL") or "http://127.0.0.1:8081/hub/api")
+            .rstrip("/"),
+            hub_prefix=base + "hub/",
+            docker_host=env.get("DOCKER_HOST") or None,
+            policy=env.get("GPUSPAWNER_POLICY") or None,
+            inventory=inventory,
+            topology=env.get("GPUSPAWNER_TOPOLOGY") or None,
+            events=env.get("GPUSPAWNER_EVENTS") or None,
+            ports=_port_range(env.get("GPUSPAWNER_PORTS") or "40000-40999"),
+            hub_id=env.get("GPUSPAWNER_HUB_ID") or None,
+            idle_after=_duration(env, "GPUSPAWNER_ADMIN_IDLE", "1h"),
+            refresh=max(1.0, _duration(env, "GPUSPAWNER_ADMIN_REFRESH", "5s")),
+            metrics_public=(env.get("GPUSPAWNER_ADMIN_METRICS_PUBLIC") or "").lower()
+            in ("1", "true", "yes"),
+        )
+
+
+def _duration(env: Mapping[str, str], key: str, default: str) -> float:
+    try:
+        return parse_duration(env.get(key) or default)
+    except ValueError as exc:
+        raise SettingsError(f"{key}: {exc}") from None
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        first, last = int(low), int(high or low)
+    except ValueError:
+        raise SettingsError(
+            f"GPUSPAWNER_PORTS={text!r} is not a port range; write e.g. 40000-40999"
+        ) from None
+    if not 0 < first <= last < 65536:
+        raise SettingsError(f"GPUSPAWNER_PORTS={text!r}: need 0 < first <= last < 65536")
+    return first, last

@@ -1,0 +1,103 @@
+"""The README's demo command, run as a person would: start it, log in, spawn, look at the
+admin page's JSON, press Ctrl-C, and check that nothing it started is left."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from ..hub import free_port
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parents[2]
+#: A demo root of its own (its own engine, bridge and image cache), kept between runs.
+DEMO_ROOT = Path("/var/lib/gpuspawner-demo-test")
+
+
+def login(session: requests.Session, url: str, user: str, password: str) -> None:
+    page = session.get(f"{url}/hub/login")
+    xsrf = session.cookies.get("_xsrf") or re.search(r'name="_xsrf" value="([^"]+)"', page.text)[1]
+    done = session.post(f"{url}/hub/login?next=/hub/home",
+                        data={"username": user, "password": password, "_xsrf": xsrf})
+    assert done.status_code == 200 and "/hub/login" not in done.url, done.url
+
+
+def demo_processes(root: Path) -> list[str]:
+    """Processes that belong to this demo run: its hub, proxy, engine, service."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if str(root) in cmd or str(root).encode() in env:
+            if "pytest" not in cmd:
+                found.append(f"{proc.name}: {cmd[:120]}")
+    return found
+
+
+def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["GPUSPAWNER_DEMO_ROOT"] = str(DEMO_ROOT)
+    log = (tmp_path / "demo.log").open("w")
+    demo = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 400
+        while "is up at" not in (tmp_path / "demo.log").read_text():
+            assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "demo did not come up"
+            time.sleep(1)
+        text = (tmp_path / "demo.log").read_text()
+        assert f"{url}/services/gpu-allocations/" in text
+
+        admin = requests.Session()
+        admin.trust_env = False
+        login(admin, url, "admin", "demo")
+        xsrf = {"X-XSRFToken": admin.cookies.get("_xsrf")}
+        started = admin.post(f"{url}/hub/api/users/ann/server", json={"profile": "mig-1g"},
+                             headers=xsrf)
+        assert started.status_code in (201, 202), started.text
+        for _ in range(240):
+            model = admin.get(f"{url}/hub/api/users/ann", headers=xsrf).json()
+            if (model.get("servers") or {}).get("", {}).get("ready"):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("ann's server did not become ready")
+
+        allocations = admin.get(f"{url}/services/gpu-allocations/api/allocations")
+        assert allocations.status_code == 200, allocations.text[:500]
+        rows = allocations.json()
+        rows = rows.get("allocations", rows) if isinstance(rows, dict) else rows
+        mine = [a for a in rows if a.get("user") == "ann"]
+        assert mine and mine[0]["gpu_profile"] == "1g.10gb" and mine[0]["state"] == "running"
+    finally:
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            demo.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            raise
+        log.close()
+    text = (tmp_path / "demo.log").read_text()
+    assert "nothing left running" in text, text[-2000:]
+    time.sleep(1)
+    assert demo_processes(DEMO_ROOT) == []
+    assert not (DEMO_ROOT / "run" / "docker.sock").exists()
