@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,24 @@ groups:
     allow_full_gpu: true
     priority: 10
 """
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_proxy(pid_file: Path) -> None:
+    """A hub that dies while starting leaves its proxy behind: end it by its pid file."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"configurable-http-proxy" in command:
+        os.kill(pid, signal.SIGTERM)
+    pid_file.unlink(missing_ok=True)
 
 
 def wait_for(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
@@ -103,7 +122,13 @@ def main() -> int:
         })
         jupyterhub = str(Path(sys.executable).parent / "jupyterhub")
         config = str(ROOT / "jupyterhub_config.py")
-        hub = subprocess.Popen([jupyterhub, "-f", config], cwd=work, env=env)
+        # Free ports for the hub and the proxy's API, so the demo runs beside anything else.
+        hub = subprocess.Popen(
+            [jupyterhub, "-f", config, f"--JupyterHub.hub_port={free_port()}",
+             f"--ConfigurableHTTPProxy.api_url=http://127.0.0.1:{free_port()}",
+             f"--ConfigurableHTTPProxy.pid_file={work / 'proxy.pid'}"],
+            cwd=work, env=env,
+        )
         url = f"http://127.0.0.1:{args.port}"
         wait_for(f"{url}/hub/api/", hub)
         print(f"\ndemo: JupyterHub with gpuspawner is up at {url}")
@@ -123,6 +148,7 @@ def main() -> int:
                 hub.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 hub.kill()
+        stop_proxy(DEMO_ROOT / "hub" / "proxy.pid")
         try:
             removed = engine.remove_containers()
             engine.stop()

@@ -82,6 +82,8 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
         else:
             raise AssertionError("ann's server did not become ready")
 
+        page = admin.get(f"{url}/services/gpu-allocations/")  # OAuth with the hub, as a browser
+        assert page.status_code == 200 and "ann" in page.text, page.text[:500]
         allocations = admin.get(f"{url}/services/gpu-allocations/api/allocations")
         assert allocations.status_code == 200, allocations.text[:500]
         rows = allocations.json()
