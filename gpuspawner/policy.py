@@ -341,6 +341,29 @@ def load_policy(path: str | os.PathLike[str] | None) -> Policy:
     return parse_policy(text, source)
 
 
+class PolicyFile:
+    """A policy file that is re-read when it changes, so a running hub or admin page picks up
+    an admin's edit without a restart. A file with errors raises PolicyError on every read
+    until it is fixed; nothing falls back silently to an older policy."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = path
+        self._cached: tuple[float, Policy] | None = None
+
+    def current(self) -> Policy:
+        if not self.path:
+            return Policy.default()
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            mtime = -1.0
+        if self._cached is not None and self._cached[0] == mtime:
+            return self._cached[1]
+        policy = load_policy(self.path)
+        self._cached = (mtime, policy)
+        return policy
+
+
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse policy YAML (``source`` names it in errors); an empty document is all defaults."""
     return _Parser(source).parse(text)

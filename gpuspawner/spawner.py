@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import html
 import inspect
-import os
 import random
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from . import allocator, events, inventory, labels, ports
 from .allocator import Choice, Refusal, Request
 from .events import EventLog
 from .ledger import Ledger, LedgerError, remove_stopped
-from .policy import Policy, PolicyError, load_policy
+from .policy import Policy, PolicyError, PolicyFile
 from .profiles import Profile, ProfileError, default_of, parse_profiles, permitted
 from .records import Inventory
 from .snapshot import Snapshot
@@ -118,7 +117,7 @@ class GPUSpawner(DockerSpawner):
     # One lock per hub process: from the read of Docker until the container is created.
     _allocation_lock: ClassVar[asyncio.Lock | None] = None
     _ledgers: ClassVar[dict[str, Ledger]] = {}
-    _policies: ClassVar[dict[str, tuple[float, Policy]]] = {}
+    _policies: ClassVar[dict[str, PolicyFile]] = {}
     _event_logs: ClassVar[dict[str, EventLog]] = {}
     _waiters: ClassVar[_Waiters] = _Waiters()
 
@@ -329,18 +328,9 @@ class GPUSpawner(DockerSpawner):
 
     def load_policy(self) -> Policy:
         """The policy, re-read when the file changes. Raises a SpawnException on errors."""
-        path = self.policy_file
-        if not path:
-            return Policy.default()
+        source = self._policies.setdefault(self.policy_file or "", PolicyFile(self.policy_file))
         try:
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            mtime = -1.0
-        cached = self._policies.get(path)
-        if cached and cached[0] == mtime:
-            return cached[1]
-        try:
-            policy = load_policy(path)
+            return source.current()
         except PolicyError as exc:
             raise refuse(
                 f"The GPU policy file has an error, so no server can be allocated now: {exc}. "
@@ -348,8 +338,6 @@ class GPUSpawner(DockerSpawner):
                 "policy",
                 500,
             ) from exc
-        self._policies[path] = (mtime, policy)
-        return policy
 
     def read_inventory(self) -> Inventory:
         """The GPUs; an inventory that cannot be read leaves CPU servers working."""
@@ -755,6 +743,14 @@ class GPUSpawner(DockerSpawner):
             raise refuse(choice.message[0].upper() + choice.message[1:] + ".", choice.code,
                          _STATUS.get(choice.code, 400))
 
+        if obj is not None and old is not None and old.hub and old.hub != self.hub_id:
+            # Never remove another hub's container: two hubs share a name template.
+            raise refuse(
+                f"A container named {self.object_name} already belongs to hub {old.hub}; an "
+                "admin must give this hub its own DockerSpawner.prefix.",
+                "name-clash",
+                409,
+            )
         if obj is not None and old is not None:
             reason = self._cannot_reuse(snap, obj, old, profile, choice, wanted_ports)
             if reason is None:
@@ -808,8 +804,6 @@ class GPUSpawner(DockerSpawner):
             return "the old container predates gpuspawner's labels"
         if old.profile != profile.slug:
             return f"profile changed from {old.profile} to {profile.slug}"
-        if old.hub and old.hub != self.hub_id:
-            return f"the old container belongs to hub {old.hub}"
         if set(old.uuids) != set(choice.uuids):
             present = snap.inventory.by_uuid()
             gone = [u for u in old.uuids if u not in present]

@@ -10,14 +10,13 @@ open browser tabs cost one Docker list per second, not ten.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Any
 
 from .. import inventory
 from ..ledger import Ledger, connect, remove_stopped
-from ..policy import Policy, load_policy
+from ..policy import Policy, PolicyFile
 from ..records import Inventory
 from ..snapshot import Snapshot, take
 from .settings import Settings
@@ -33,7 +32,7 @@ class World:
         self._ledger: Ledger | None = Ledger(client) if client is not None else None
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._policy: tuple[float, Policy] | None = None
+        self._policy = PolicyFile(settings.policy)
         self._last: tuple[float, Snapshot] | None = None
 
     def _engine(self) -> tuple[Any, Ledger]:
@@ -55,19 +54,7 @@ class World:
 
     def policy(self) -> Policy:
         """The policy file, re-read when its modification time changes (PolicyError raises)."""
-        path = self.settings.policy
-        if not path:
-            return Policy.default()
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError:
-            mtime = -1.0
-        cached = self._policy
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        policy = load_policy(path)
-        self._policy = (mtime, policy)
-        return policy
+        return self._policy.current()
 
     def read_inventory(self) -> Inventory:
         return inventory.read(self.settings.inventory, topology_file=self.settings.topology)

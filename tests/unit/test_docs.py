@@ -44,3 +44,17 @@ def test_jupyterhub_help_documents_gpuspawner():
 
 def test_example_policy_in_the_docs_parses():
     parse_policy((ROOT / "docs/examples/policy.yaml").read_text(), "docs/examples/policy.yaml")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
