@@ -21,9 +21,9 @@ from typing import Any
 from . import health, inventory
 from .events import tail
 from .inventory import InventoryError
-from .ledger import Ledger, LedgerError, connect
-from .policy import PolicyError, load_policy
-from .snapshot import Snapshot
+from .ledger import LedgerError
+from .policy import PolicyError
+from .world import World
 
 EXIT_OK, EXIT_PROBLEM, EXIT_CONFIG, EXIT_DOCKER = 0, 1, 2, 3
 
@@ -40,24 +40,6 @@ def _table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
 def _port_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     return int(low), int(high or low)
-
-
-class World:
-    """Lazily built Snapshot from the command-line settings."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.client = connect(args.docker_host)
-        self.ledger = Ledger(self.client)
-        self.policy = load_policy(args.policy)
-
-    def read_inventory(self):
-        return inventory.read(self.args.inventory, topology_file=self.args.topology)
-
-    def snapshot(self) -> Snapshot:
-        read = self.ledger.read(self.policy.hold_seconds)
-        return Snapshot(self.read_inventory(), read.allocations, self.policy, read.bound_ports,
-                        read.read_at)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -130,7 +112,7 @@ def cmd_available(args, world: World) -> int:
 def cmd_user(args, world: World) -> int:
     snap = world.snapshot()
     mine = snap.of(args.name)
-    policy = world.policy.for_user(args.name)
+    policy = world.policy().for_user(args.name)
     data = {"user": args.name, "equivalents": snap.usage(args.name),
             "limits": policy.limits.to_json(), "policy_sources": list(policy.sources),
             "allocations": [a.to_json() for a in mine]}
@@ -235,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "events":
         return handler(args, None)
     try:
-        world = World(args)
+        world = World(docker_host=args.docker_host, policy=args.policy,
+                      inventory_source=args.inventory, topology=args.topology)
+        world.policy()  # a broken policy file is a configuration error (2), for doctor too
+        world.client  # noqa: B018 - connect now: an engine that is down is exit code 3
         return handler(args, world)
     except PolicyError as exc:
         print(f"gpuspawner: {exc}", file=sys.stderr)

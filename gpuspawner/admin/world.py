@@ -1,78 +1,22 @@
-"""The admin service's window on the world: ``snapshot.take`` over the same pieces as the CLI.
-
-There is no reader of Docker or NVML here: a snapshot is ``inventory.read`` +
-``Ledger.read`` + ``load_policy``, put together by ``snapshot.take`` exactly as the spawner
-and ``gpuspawner`` do. What this adds is what a long-running page needs: the policy file is
-re-read when it changes (the CLI reads it once per command), and a snapshot younger than a
-second is shared between the pages and metrics scrapes that ask at the same moment, so ten
-open browser tabs cost one Docker list per second, not ten.
-"""
+"""The admin service's window on the world: the shared ``gpuspawner.world.World``, set up
+from the service's settings, with a one-second snapshot cache for pages and scrapes."""
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
-from .. import inventory
-from ..ledger import Ledger, connect, remove_stopped
-from ..policy import Policy, PolicyFile
-from ..records import Inventory
-from ..snapshot import Snapshot, take
+from .. import world
 from .settings import Settings
 
 
-class World:
-    """Snapshots for the admin service; safe to call from the executor's threads."""
-
+class World(world.World):
     def __init__(self, settings: Settings, client: Any = None, max_age: float = 1.0) -> None:
+        super().__init__(
+            docker_host=settings.docker_host,
+            policy=settings.policy,
+            inventory_source=settings.inventory,
+            topology=settings.topology,
+            client=client,
+            max_age=max_age,
+        )
         self.settings = settings
-        self.max_age = max_age
-        self._client = client
-        self._ledger: Ledger | None = Ledger(client) if client is not None else None
-        self._lock = threading.Lock()
-        self._connect_lock = threading.Lock()
-        self._policy = PolicyFile(settings.policy)
-        self._last: tuple[float, Snapshot] | None = None
-
-    def _engine(self) -> tuple[Any, Ledger]:
-        """The Docker client and its ledger, made on first use (LedgerError when the engine
-        does not answer): the page starts, and says what is wrong, while Docker is down."""
-        with self._connect_lock:
-            if self._ledger is None:
-                self._client = connect(self.settings.docker_host)
-                self._ledger = Ledger(self._client)
-            return self._client, self._ledger
-
-    @property
-    def client(self) -> Any:
-        return self._engine()[0]
-
-    @property
-    def ledger(self) -> Ledger:
-        return self._engine()[1]
-
-    def policy(self) -> Policy:
-        """The policy file, re-read when its modification time changes (PolicyError raises)."""
-        return self._policy.current()
-
-    def read_inventory(self) -> Inventory:
-        return inventory.read(self.settings.inventory, topology_file=self.settings.topology)
-
-    def snapshot(self, fresh: bool = False) -> Snapshot:
-        """One read of the world, or the one taken less than ``max_age`` seconds ago."""
-        with self._lock:
-            last = self._last
-            if not fresh and last is not None and time.monotonic() - last[0] < self.max_age:
-                return last[1]
-            snap = take(self.read_inventory, self.ledger, self.policy())
-            self._last = (time.monotonic(), snap)
-            return snap
-
-    def release(self, container_id: str) -> None:
-        """Remove a stopped container, volumes kept (``ledger.remove_stopped`` refuses a running
-        one), and forget what was cached of it so the next snapshot shows the device free."""
-        remove_stopped(self.client, container_id)
-        self.ledger.forget(container_id)
-        with self._lock:
-            self._last = None
