@@ -629,7 +629,9 @@ class GPUSpawner(DockerSpawner):
         wanted_ports = self._wanted_ports(profile)
         policy = self.load_policy()
         limits = policy.for_user(self.user.name, self._groups()).limits
-        self._progress(15, f"Policy checked: up to {limits.max_gpu_equivalents} GPU-equivalents")
+        quota = limits.max_gpu_equivalents
+        self._progress(15, "Policy checked: " + (
+            "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
 
         obj = await self.get_object()
         if obj and self.remove:
@@ -663,6 +665,32 @@ class GPUSpawner(DockerSpawner):
 
         self._progress(70, "Starting the container")
         try:
+            await self._start_container(profile, limits, wanted_ports)
+        except Exception:
+            # A container that was created and could not start is a failed spawn: it must
+            # not sit on its device until the start time-out runs out.
+            await self._remove_never_started()
+            raise
+        self.ledger.forget(self.object_id)
+        self.event_log.write(events.CONTAINER_START, user=self.user.name, server=self.name,
+                             container=self.object_name, reused=reused)
+        if self.post_start_cmd:
+            await self.post_start_exec()
+        ip, port = await self.get_ip_and_port()
+        self._progress(90, "Server started; waiting for Jupyter to answer")
+        return ip, port
+
+    async def _remove_never_started(self) -> None:
+        try:
+            obj = await self.get_object()
+            if obj and obj["State"].get("Status") == "created":
+                await self._remove_container(obj, "the spawn failed before it started")
+        except Exception as exc:  # the original failure matters more
+            self.log.warning("could not remove the failed container %s: %s", self.object_name,
+                             exc)
+
+    async def _start_container(self, profile: Profile, limits: Any, wanted_ports) -> None:
+        try:
             await self.start_object()
         except docker.errors.APIError as exc:
             if "unknown device" not in str(exc) or self.on_gpu_lost == "fail":
@@ -675,14 +703,6 @@ class GPUSpawner(DockerSpawner):
                 await self._decide(snap, profile, limits, None, wanted_ports)
                 await self.create_object_locked()
             await self.start_object()
-        self.ledger.forget(self.object_id)
-        self.event_log.write(events.CONTAINER_START, user=self.user.name, server=self.name,
-                             container=self.object_name, reused=reused)
-        if self.post_start_cmd:
-            await self.post_start_exec()
-        ip, port = await self.get_ip_and_port()
-        self._progress(90, "Server started; waiting for Jupyter to answer")
-        return ip, port
 
     def _reuse_token(self, obj: dict[str, Any]) -> None:
         """A reused container keeps the API token it was created with (as DockerSpawner does)."""

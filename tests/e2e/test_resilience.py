@@ -77,3 +77,20 @@ def test_two_hubs_racing_for_one_slice(make_hub: MakeHub, gpusim, engine):
     assert len(winners) == 1, results
     running = engine.client.containers.list(filters={"label": "ds01.gpu.profile=3g.40gb"})
     assert len(running) == 1, [c.name for c in running]
+
+
+def test_a_container_that_cannot_start_does_not_keep_its_slice(
+    make_hub: MakeHub, gpusim, base_image, engine
+):
+    broken = {"display_name": "Broken image", "slug": "broken",
+              "gpu": {"mig_profile": "3g.40gb"}, "overrides": {"image": base_image}}
+    gpusim.install(SCARCE)
+    hub = make_hub(config_extra=(
+        f"c.GPUSpawner.profile_list = c.GPUSpawner.profile_list + [{broken!r}]\n"
+    ))
+    failed = hub.spawn("ann", "broken")  # the base image has no jupyterhub-singleuser
+    assert failed.status_code >= 500, failed.text
+    assert engine.client.containers.list(all=True, filters={"label": "ds01.user=ann"}) == []
+    removed = [e for e in hub.events() if e["event"] == "container.remove"]
+    assert removed and "failed before it started" in removed[-1]["reason"]
+    assert hub.spawn("bo", "mig-3g").status_code in (201, 202)  # the slice is free at once
