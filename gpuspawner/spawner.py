@@ -743,6 +743,14 @@ class GPUSpawner(DockerSpawner):
     ) -> str:
         """Reuse the stopped container, or plan a new one. Raises a SpawnException to refuse."""
         old = labels.decode((obj or {}).get("Config", {}).get("Labels")) if obj else None
+        if old is not None and old.hub and old.hub != self.hub_id:
+            # Never remove another hub's container: two hubs share a name template.
+            raise refuse(
+                f"A container named {self.object_name} already belongs to hub {old.hub}; an "
+                "admin must give this hub its own DockerSpawner.prefix.",
+                "name-clash",
+                409,
+            )
         request = Request(
             user=self.user.name,
             server=self.name,
@@ -763,14 +771,6 @@ class GPUSpawner(DockerSpawner):
             raise refuse(choice.message[0].upper() + choice.message[1:] + ".", choice.code,
                          _STATUS.get(choice.code, 400))
 
-        if obj is not None and old is not None and old.hub and old.hub != self.hub_id:
-            # Never remove another hub's container: two hubs share a name template.
-            raise refuse(
-                f"A container named {self.object_name} already belongs to hub {old.hub}; an "
-                "admin must give this hub its own DockerSpawner.prefix.",
-                "name-clash",
-                409,
-            )
         if obj is not None and old is not None:
             reason = self._cannot_reuse(snap, obj, old, profile, choice, wanted_ports)
             if reason is None:
