@@ -94,3 +94,17 @@ def test_a_container_that_cannot_start_does_not_keep_its_slice(
     removed = [e for e in hub.events() if e["event"] == "container.remove"]
     assert removed and "failed before it started" in removed[-1]["reason"]
     assert hub.spawn("bo", "mig-3g").status_code in (201, 202)  # the slice is free at once
+
+
+def test_another_hubs_container_is_never_removed(make_hub: MakeHub, engine, base_image):
+    from ..docker.test_ledger import make
+
+    theirs = make(engine, base_image, "jupyter-ann", start=False, labelset={
+        "ds01.managed": "true", "ds01.hub": "other-hub", "ds01.user": "ann",
+        "ds01.server": "", "ds01.profile": "mig-1g",
+    })
+    hub = make_hub()
+    response = hub.spawn("ann", "mig-1g")
+    assert response.status_code == 409, response.text
+    assert "belongs to hub other-hub" in response.text and "DockerSpawner.prefix" in response.text
+    assert engine.client.containers.get(theirs).id == theirs
