@@ -9,7 +9,9 @@
 #                  tests' private Docker engine with no network, from wheels downloaded on
 #                  the host (docker/build_images.py). Makes gpuspawner/singleuser:local.
 #   --hub          also (or, without --base/--local, only) the hub image docker/hub/Dockerfile.
-#                  Online only: it needs Node and npm, which the offline base does not have.
+#                  With --local: on the same Debian base, offline, from Debian's nodejs .debs
+#                  (apt-get --download-only), configurable-http-proxy (npm install --prefix)
+#                  and wheels, all fetched on the host. Makes gpuspawner/hub:local.
 #
 # Both images get the same JupyterHub (the hub's and jupyterhub-singleuser must match):
 # --jupyterhub-version, else the one installed in .venv (or in python3).
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
 Options: --tag NAME (single-user image), --hub-tag NAME, --hub-base IMAGE,
@@ -46,12 +48,6 @@ while (($#)); do
 done
 if [[ -z $mode && $hub == 0 ]]; then
   usage >&2
-  exit 2
-fi
-if [[ $mode == local && $hub == 1 ]]; then
-  echo "build-images: --hub cannot be built offline: docker/hub/Dockerfile installs Node's" \
-       "configurable-http-proxy and pip packages from the network, and the local base has" \
-       "no Node. Build it on a host with network: $0 --base IMAGE --hub" >&2
   exit 2
 fi
 
@@ -83,9 +79,15 @@ if [[ $mode == local ]]; then
     exit 2
   fi
   # The Python part starts the private engine, ensures the base image, downloads the wheels
-  # and builds with network_mode=none; it prints the image it made.
-  .venv/bin/python docker/build_images.py --tag "${tag:-gpuspawner/singleuser:local}" \
-    --jupyterhub-version "$version"
+  # (and for --hub the .debs and npm packages) and builds with network_mode=none; it prints
+  # the images it made.
+  local_args=(--tag "${tag:-gpuspawner/singleuser:local}" --jupyterhub-version "$version")
+  if [[ $hub == 1 ]]; then
+    [[ -n $hub_base ]] && { echo "build-images: --hub-base is for online builds" >&2; exit 2; }
+    [[ $hub_tag == gpuspawner/hub:latest ]] && hub_tag=gpuspawner/hub:local
+    local_args+=(--hub --hub-tag "$hub_tag")
+  fi
+  .venv/bin/python docker/build_images.py "${local_args[@]}"
   exit 0
 fi
 

@@ -5,8 +5,9 @@ The single-user image is built from ``docker/singleuser/Dockerfile`` exactly as
 on the local Debian base, with no network, from wheels downloaded on the host. It is keyed
 and cached, so only the first run after a change pays for the build (about half a minute).
 
-The hub image needs Node and PyPI during its build, which these machines cannot give a build,
-so its Dockerfile is checked by reading it: arguments, sources, command, user.
+The hub image is built the same way (``scripts/build-images.sh --local --hub``): on the local
+base, offline, from .debs, an npm folder and wheels fetched on the host into the context's
+``docker/hub/offline/``; its Dockerfile is also read, for what an online build relies on.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ build_images = _load_builder()
 def singleuser_local(engine: PrivateEngine, base_image: str) -> Any:
     """gpuspawner/singleuser:local, built (or found) in the private engine."""
     return build_images.build_singleuser_local(engine.client)
+
+
+@pytest.fixture(scope="session")
+def hub_local(engine: PrivateEngine, base_image: str) -> Any:
+    """gpuspawner/hub:local, built (or found) in the private engine."""
+    return build_images.build_hub_local(engine.client)
 
 
 def _run(engine: PrivateEngine, image: str, script: str, **host: Any) -> tuple[int, str]:
@@ -138,6 +145,43 @@ def test_the_compose_hubs_device_request_is_accepted(
     assert code == 0, out
     assert out.split() == ["caps=utility"]
     assert [c["visible_devices"] for c in gpusim.hook_calls()] == ["all"]
+
+
+# ------------------------------------------------------------------------------ hub image
+
+
+@pytest.mark.docker
+def test_hub_image_builds_offline_and_runs_the_hubs_jupyterhub(
+    engine: PrivateEngine, hub_local: Any
+) -> None:
+    version = host_jupyterhub_version()
+    assert hub_local.name == "gpuspawner/hub:local"
+    assert hub_local.jupyterhub_version == version
+    code, out = _run(engine, hub_local.name, (
+        "echo hub=$(jupyterhub --version); echo chp=$(configurable-http-proxy --version);"
+        " python3 -c 'import gpuspawner.admin, gpuspawner.spawner' && echo import=ok;"
+        " echo uid=$(id -u) cwd=$PWD;"
+        " jupyterhub --help-all | grep -c 'GPUSpawner.policy_file' | sed 's/^/policy=/'"
+    ))
+    assert code == 0, out
+    facts = dict(line.split("=", 1) for line in out.split())
+    assert facts["hub"] == version
+    assert re.fullmatch(r"\d+\.\d+\.\d+", facts["chp"]), out
+    assert facts["import"] == "ok"
+    assert (facts["uid"], facts["cwd"]) == ("0", "/srv/jupyterhub")
+    assert int(facts["policy"]) >= 1, out
+
+    config = engine.client.images.get(hub_local.name).attrs["Config"]
+    assert config["Cmd"] == ["jupyterhub", "-f", "/etc/jupyterhub/jupyterhub_config.py"]
+    assert "8000/tcp" in config["ExposedPorts"]
+
+
+@pytest.mark.docker
+def test_second_hub_build_is_found_in_the_engine(engine: PrivateEngine, hub_local: Any) -> None:
+    again = build_images.build_hub_local(engine.client)
+    assert not again.built
+    assert again.image_id == hub_local.image_id
+    assert again.seconds < 10
 
 
 # ------------------------------------------------------------------------------ compose
@@ -245,6 +289,10 @@ def test_hub_dockerfile_is_sound() -> None:
 
     run = " ".join(rest for word, rest in steps if word == "RUN")
     assert "npm install -g" in run and "configurable-http-proxy" in run
+    # Online without docker/hub/offline/ contents; offline (the test above) from them.
+    assert copied["docker/hub/offline/"] == "/tmp/offline/"
+    assert (REPO / "docker" / "hub" / "offline" / ".gitignore").exists()
+    assert "dpkg -i /tmp/offline/debs/" in run and "--find-links /tmp/offline/wheels" in run
     assert "jupyterhub-idle-culler" in run and "/tmp/gpuspawner" in run
     cmd = dict(steps)["CMD"]
     assert cmd == f'["jupyterhub", "-f", "{copied["jupyterhub_config.py"]}"]'
