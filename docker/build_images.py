@@ -154,11 +154,25 @@ def build_singleuser_local(
     wheel_dir = wheels(reqs, cache, log)
     log(f"build-images: building {tag} from {SINGLEUSER_DOCKERFILE.relative_to(REPO)} "
         f"on {base} (network none)")
+    return _build(client, tag, key, old, version, started,
+                  context(dockerfile, wheel_dir), {"BASE": base, "JUPYTERHUB_VERSION": version})
+
+
+def _build(
+    client: docker.DockerClient,
+    tag: str,
+    key: str,
+    old: docker.models.images.Image | None,
+    version: str,
+    started: float,
+    fileobj: io.BytesIO,
+    buildargs: dict[str, str],
+) -> Built:
+    """Build offline (network none), label with ``key``, drop the image the tag left behind."""
     try:
         image, _ = client.images.build(
-            fileobj=context(dockerfile, wheel_dir), custom_context=True, tag=tag, rm=True,
-            forcerm=True, pull=False, network_mode="none", labels={KEY_LABEL: key},
-            buildargs={"BASE": base, "JUPYTERHUB_VERSION": version},
+            fileobj=fileobj, custom_context=True, tag=tag, rm=True, forcerm=True, pull=False,
+            network_mode="none", labels={KEY_LABEL: key}, buildargs=buildargs,
         )
     except docker.errors.BuildError as exc:
         text = "".join(str(chunk.get("stream") or chunk.get("error") or "")
@@ -322,24 +336,11 @@ def build_hub_local(
     npm_dir = hub_npm(cache, log)
     log(f"build-images: building {tag} from {HUB_DOCKERFILE.relative_to(REPO)} "
         f"on {base} (network none)")
-    try:
-        image, _ = client.images.build(
-            fileobj=hub_context(dockerfile, wheel_dir, deb_dir, npm_dir), custom_context=True,
-            tag=tag, rm=True, forcerm=True, pull=False, network_mode="none",
-            labels={KEY_LABEL: key},
-            buildargs={"BASE": base, "JUPYTERHUB_VERSION": version, "CHP_VERSION": CHP_VERSION},
-        )
-    except docker.errors.BuildError as exc:
-        text = "".join(str(chunk.get("stream") or chunk.get("error") or "")
-                       for chunk in exc.build_log)
-        raise images.ImageError(f"building {tag} failed: {exc}\n{text[-4000:]}") from exc
-    if old is not None and old.id != image.id:
-        try:
-            client.images.remove(old.id)
-        except docker.errors.APIError:
-            pass
-    return Built(tag, image.id, version, key, True, time.monotonic() - started,
-                 image.attrs.get("Size", 0))
+    return _build(
+        client, tag, key, old, version, started,
+        hub_context(dockerfile, wheel_dir, deb_dir, npm_dir),
+        {"BASE": base, "JUPYTERHUB_VERSION": version, "CHP_VERSION": CHP_VERSION},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
