@@ -24,8 +24,11 @@ if ((${#missing[@]})); then
 fi
 
 if ! command -v configurable-http-proxy >/dev/null; then
-  echo "setup: installing configurable-http-proxy"
-  npm install -g --silent configurable-http-proxy >/dev/null
+  # configurable-http-proxy 5 needs Node 20; Debian bookworm's is 18: take 4 there.
+  chp=configurable-http-proxy
+  if (( $(node -p 'process.versions.node.split(".")[0]') < 20 )); then chp=configurable-http-proxy@4; fi
+  echo "setup: installing $chp"
+  npm install -g --silent "$chp" >/dev/null
 fi
 
 # Debian's chromium for the admin page's browser test (never a downloaded browser).
