@@ -131,6 +131,17 @@ def _labelled(client: docker.DockerClient, name: str) -> docker.models.images.Im
         return None
 
 
+def _cached(
+    client: docker.DockerClient, tag: str, key: str, version: str, started: float
+) -> tuple[docker.models.images.Image | None, Built | None]:
+    """The image ``tag`` points at now, and a Built for it when it was made from ``key``."""
+    old = _labelled(client, tag)
+    if old is not None and (old.labels or {}).get(KEY_LABEL) == key:
+        return old, Built(tag, old.id, version, key, False, time.monotonic() - started,
+                          old.attrs.get("Size", 0))
+    return old, None
+
+
 def build_singleuser_local(
     client: docker.DockerClient,
     *,
@@ -147,10 +158,9 @@ def build_singleuser_local(
     reqs = requirements(version)
     key = _key("singleuser-local", images.base_key(), dockerfile, images.IMAGE_PYTHON,
                *images.WHEEL_PLATFORMS, *reqs)
-    old = _labelled(client, tag)
-    if old is not None and (old.labels or {}).get(KEY_LABEL) == key:
-        return Built(tag, old.id, version, key, False, time.monotonic() - started,
-                     old.attrs.get("Size", 0))
+    old, cached = _cached(client, tag, key, version, started)
+    if cached is not None:
+        return cached
     wheel_dir = wheels(reqs, cache, log)
     log(f"build-images: building {tag} from {SINGLEUSER_DOCKERFILE.relative_to(REPO)} "
         f"on {base} (network none)")
@@ -327,10 +337,9 @@ def build_hub_local(
     reqs = hub_requirements(version)
     key = _key("hub-local", images.base_key(), dockerfile, images.IMAGE_PYTHON,
                *images.WHEEL_PLATFORMS, *reqs, CHP_VERSION, _sources_digest())
-    old = _labelled(client, tag)
-    if old is not None and (old.labels or {}).get(KEY_LABEL) == key:
-        return Built(tag, old.id, version, key, False, time.monotonic() - started,
-                     old.attrs.get("Size", 0))
+    old, cached = _cached(client, tag, key, version, started)
+    if cached is not None:
+        return cached
     wheel_dir = wheels(reqs, cache, log, kind="hub")
     deb_dir = hub_debs(cache, log)
     npm_dir = hub_npm(cache, log)

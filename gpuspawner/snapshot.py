@@ -7,7 +7,6 @@ no second way of reading Docker or NVML: everything that wants to know who holds
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -114,18 +113,6 @@ class Snapshot:
                 )
             )
         return tuple(rows)
-
-    def users(self) -> dict[str, dict[str, Any]]:
-        """Per user: GPU-equivalents held against the limit, and their servers."""
-        found: dict[str, dict[str, Any]] = defaultdict(lambda: {"servers": []})
-        for allocation in self.allocations:
-            if allocation.managed and allocation.user:
-                found[allocation.user]["servers"].append(allocation.server)
-        for user, row in found.items():
-            limits = self.limits_for(user)
-            row["equivalents"] = self.usage(user)
-            row["limit"] = limits.max_gpu_equivalents
-        return dict(found)
 
     def to_json(self) -> dict[str, Any]:
         return {

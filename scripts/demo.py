@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.engine import EnginePaths, PrivateEngine  # noqa: E402
+from tests.engine import EnginePaths, PrivateEngine, end_process, terminate  # noqa: E402
 from tests.gpusim import FAKE_DIR, Simulator  # noqa: E402
 from tests.images import ensure_singleuser_image  # noqa: E402
 
@@ -50,16 +50,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop_proxy(pid_file: Path) -> None:
-    """A hub that dies while starting leaves its proxy behind: end it by its pid file."""
+
+
+def proxy_pid(pid_file: Path) -> int | None:
+    """The proxy a hub that died while starting leaves behind, from its pid file."""
     try:
-        pid = int(pid_file.read_text().strip())
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return int(pid_file.read_text().strip())
     except (OSError, ValueError):
-        return
-    if b"configurable-http-proxy" in command:
-        os.kill(pid, signal.SIGTERM)
-    pid_file.unlink(missing_ok=True)
+        return None
 
 
 def wait_for(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
@@ -142,13 +140,8 @@ def main() -> int:
         pass
     finally:
         print("\ndemo: stopping ...", flush=True)
-        if hub is not None and hub.poll() is None:
-            hub.send_signal(signal.SIGTERM)  # the hub stops its proxy and its servers
-            try:
-                hub.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-        stop_proxy(DEMO_ROOT / "hub" / "proxy.pid")
+        terminate(hub, 60)  # the hub stops its proxy and its servers
+        end_process(proxy_pid(DEMO_ROOT / "hub" / "proxy.pid"), b"configurable-http-proxy")
         try:
             removed = engine.remove_containers()
             engine.stop()

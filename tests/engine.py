@@ -127,7 +127,32 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _alive(pid: int) -> bool:
+def terminate(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM a child, wait, then SIGKILL: how every process the test bed starts is ended."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def end_process(pid: int | None, name: bytes, timeout: float = 5.0) -> None:
+    """End a process that is not our child (a proxy a dead hub left), only if it still runs
+    the program ``name``: a pid file can outlive its process and be reused."""
+    if pid is None or not alive(pid) or name not in "\0".join(_cmdline(pid)).encode():
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -213,13 +238,7 @@ class PrivateEngine:
             self._client.close()
             self._client = None
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        terminate(proc, timeout)
         if proc is not None:
             self._remove_bridge()
         self._release_lock()
@@ -304,10 +323,10 @@ class PrivateEngine:
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
     def _ensure_bridge(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+
+from .engine import end_process, terminate
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -69,14 +70,6 @@ def _fake_dir() -> Path:
         return Path(__file__).resolve().parent / "gpusim" / "fake"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunningHub:
@@ -226,25 +219,11 @@ c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the hub, wait, then make sure its proxy is gone too: nothing left running."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        terminate(proc, timeout)
         # The hub stops the proxy it started (cleanup_proxy); if it died too early to do so,
         # the proxy (its own session) is still ours to end.
         for pid in {self._proxy_pid, self._read_proxy_pid()} - {None}:
-            assert pid is not None
-            if _alive(pid) and b"configurable-http-proxy" in _cmdline(pid):
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(50):
-                    if not _alive(pid):
-                        break
-                    time.sleep(0.1)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+            end_process(pid, b"configurable-http-proxy")
         self._proxy_pid = None
 
     def restart(self) -> RunningHub:
@@ -404,11 +383,6 @@ c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
             return None
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 # ---------------------------------------------------------------- login helpers (admin page)
