@@ -10,6 +10,8 @@
 #   GPUSPAWNER_PORTS          host port range for extra ports, "40000-40999"
 #   GPUSPAWNER_EVENTS         operation log (JSON lines)
 #   GPUSPAWNER_HUB_ID         this hub's id in the ds01.hub label (default: jupyterhub)
+#   GPUSPAWNER_START_TIMEOUT  seconds a spawn may take (Spawner.start_timeout, default: 180);
+#                             the gpuspawner CLI reads it too, to see spawns in flight alike
 #   GPUSPAWNER_HUB_CONNECT_IP address containers reach the hub on (the Docker bridge gateway)
 #   GPUSPAWNER_ADMINS         comma-separated admin user names
 #   GPUSPAWNER_NETWORK        Docker network the servers join (docker-compose.yml)
@@ -43,10 +45,12 @@ c.DockerSpawner.image = env("GPUSPAWNER_IMAGE", "quay.io/jupyter/base-notebook:l
 # Keep stopped containers: that is what holds a student's slice for gpu_hold_after_stop.
 c.DockerSpawner.remove = False
 if env("GPUSPAWNER_VOLUMES", "1") != "0":
-    c.DockerSpawner.volumes = {"jupyterhub-user-{username}": "/home/jovyan/work"}
+    # The whole home on a volume: nothing a student keeps there depends on the container
+    # (which gpuspawner replaces, saving it first, when its GPU slice is gone after a reboot).
+    c.DockerSpawner.volumes = {"jupyterhub-user-{username}": "/home/jovyan"}
 if env("GPUSPAWNER_BIND_URL"):
     c.JupyterHub.bind_url = env("GPUSPAWNER_BIND_URL")
-c.Spawner.start_timeout = 180
+c.Spawner.start_timeout = int(env("GPUSPAWNER_START_TIMEOUT", "180"))
 
 c.GPUSpawner.hub_id = env("GPUSPAWNER_HUB_ID", "jupyterhub")
 c.GPUSpawner.inventory_source = env("GPUSPAWNER_INVENTORY", "auto")
@@ -59,8 +63,11 @@ if env("GPUSPAWNER_EVENTS"):
 low, _, high = env("GPUSPAWNER_PORTS", "40000-40999").partition("-")
 c.GPUSpawner.port_range = (int(low), int(high))
 
-# Extra ports each server publishes (host ports are chosen from port_range).
-c.GPUSpawner.ports = {"tensorboard": 6006}
+# Extra host ports per server: none by default. Web tools (TensorBoard, dashboards) are
+# reached through jupyter-server-proxy at /user/<name>/proxy/6006/, behind the Hub's login;
+# publish a host port only for what cannot go through HTTP, e.g. ssh (docs/spawner.md):
+#   c.GPUSpawner.ports = {"ssh": 22}   # published on 127.0.0.1 unless ports_host_ip says
+c.GPUSpawner.ports = {}
 
 # What students choose from. Profiles their policy forbids are not shown to them.
 c.GPUSpawner.profile_list = [

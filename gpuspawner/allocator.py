@@ -45,6 +45,12 @@ class Request(JSONRecord):
     prefer_uuids: tuple[str, ...] = ()
     prefer_parents: tuple[str, ...] = ()
     strategy: str = PACK
+    #: The asking hub's id: only its own containers count against the user's limits or may
+    #: be preempted.
+    hub: str | None = None
+    #: The server's own existing container (this hub's, this user's, this server's), whose
+    #: devices it may keep: the only container not counted as someone else's.
+    own_container: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ class Taken:
             uuids = set(allocation.uuids)
             if not uuids:
                 uuids.update(slots[s].uuid for s in allocation.slots if s in slots)
+            uuids.update(slots[s].uuid for s in allocation.slot_requests if s in slots)
             if allocation.gpu_count < 0:
                 uuids.update(g.uuid for g in ordered)
             elif allocation.gpu_count > 0:
@@ -180,32 +187,50 @@ class Taken:
 
 
 def _same_server(allocation: Allocation, request: Request) -> bool:
-    return allocation.managed and allocation.user == request.user and (
-        allocation.server == request.server
-    )
+    """The one container a (re)start may take the devices of: its own, by id. Any other
+    container, even of the same user and server name (a stray, another hub's), is someone
+    else's: what it holds stays taken."""
+    return request.own_container is not None and allocation.container_id == request.own_container
 
 
-def usage(allocations: Iterable[Allocation], user: str, server: str | None = None) -> float:
-    """GPU-equivalents a user holds, not counting ``server`` (the one being (re)started)."""
-    return round(
-        sum(
-            float(a.equivalents)
-            for a in allocations
-            if a.holds and a.managed and a.user == user and a.server != server
-        )
-        + 0.0,
-        6,
-    )
+def charged(inventory: Inventory, allocation: Allocation) -> float:
+    """GPU-equivalents a container is charged: the devices Docker gives it, priced from the
+    inventory (never the label's own figure); a device the inventory no longer has (MIG
+    re-created) is charged as its labels said when it was given."""
+    devices = inventory.by_uuid()
+    present = [devices[u] for u in allocation.uuids if u in devices]
+    slots = {d.slot: d for d in devices.values()}
+    present += [slots[s] for s in allocation.slot_requests
+                if s in slots and slots[s] not in present]
+    if present:
+        return sum(d.equivalents for d in present)
+    return float(allocation.equivalents) if allocation.uuids else 0.0
 
 
-def servers_in_use(allocations: Iterable[Allocation], user: str, server: str | None = None) -> int:
-    return len(
-        {
-            a.server
-            for a in allocations
-            if a.holds and a.managed and a.user == user and a.server != server
-        }
-    )
+def _counted(allocations: Iterable[Allocation], hub: str | None, user: str) -> list[Allocation]:
+    """A user's holding containers of this hub: what limits count."""
+    return [a for a in allocations if a.holds and a.is_ours(hub) and a.user == user]
+
+
+def usage(
+    inventory: Inventory,
+    allocations: Iterable[Allocation],
+    hub: str | None,
+    user: str,
+    excluding: str | None = None,
+) -> float:
+    """GPU-equivalents a user holds on this hub, not counting container ``excluding`` (the
+    server's own, being (re)started). Containers of other hubs, other tools or made by hand
+    are never charged to a user, whatever their labels say."""
+    counted = [a for a in _counted(allocations, hub, user) if a.container_id != excluding]
+    return round(sum(charged(inventory, a) for a in counted) + 0.0, 6)
+
+
+def servers_in_use(
+    allocations: Iterable[Allocation], hub: str | None, user: str, server: str | None = None
+) -> int:
+    """Servers of a user holding something on this hub, other than ``server``."""
+    return len({a.server for a in _counted(allocations, hub, user) if a.server != server})
 
 
 def _fmt(value: float) -> str:
@@ -266,7 +291,7 @@ def choose(
             f"your policy does not allow the profile {request.profile or request.mig_profile!r}",
         )
     if limits.max_servers is not None:
-        running = servers_in_use(allocations, request.user, request.server)
+        running = servers_in_use(allocations, request.hub, request.user, request.server)
         if running >= limits.max_servers:
             return Refusal(
                 TOO_MANY_SERVERS,
@@ -282,10 +307,16 @@ def choose(
     return _choose_gpus(inventory, others, taken, limits, request)
 
 
-def _quota(limits: LimitsLike, allocations: Sequence[Allocation], user: str, want: float):
+def _quota(
+    inventory: Inventory,
+    limits: LimitsLike,
+    allocations: Sequence[Allocation],
+    request: Request,
+    want: float,
+):
     if limits.max_gpu_equivalents is None:
         return None
-    have = usage(allocations, user)
+    have = usage(inventory, allocations, request.hub, request.user)
     if have + want > limits.max_gpu_equivalents + _EPSILON:
         return Refusal(
             QUOTA,
@@ -295,9 +326,14 @@ def _quota(limits: LimitsLike, allocations: Sequence[Allocation], user: str, wan
     return None
 
 
-def _preemptible(blockers: list[Allocation], limits: LimitsLike, user: str) -> bool:
+def _preemptible(blockers: list[Allocation], limits: LimitsLike, request: Request) -> bool:
+    """Only this hub's own held containers of lower priority make way: another hub's or
+    another tool's container is never removed, whatever priority its labels claim."""
     return bool(blockers) and all(
-        a.managed and a.state == HELD and a.priority < limits.priority and a.user != user
+        a.is_ours(request.hub)
+        and a.state == HELD
+        and a.priority < limits.priority
+        and a.user != request.user
         for a in blockers
     )
 
@@ -344,7 +380,7 @@ def _choose_mig(
             "choose another profile or ask an admin",
         )
     equivalents = candidates[0].equivalents
-    refusal = _quota(limits, allocations, request.user, equivalents)
+    refusal = _quota(inventory, limits, allocations, request, equivalents)
     if refusal:
         return refusal
     ordered = _order(candidates, taken, request)
@@ -353,7 +389,7 @@ def _choose_mig(
             return Choice((device,), (), equivalents, device.uuid in request.prefer_uuids)
     for device in ordered:
         blockers = taken.blockers(device)
-        if _preemptible(blockers, limits, request.user):
+        if _preemptible(blockers, limits, request):
             return Choice(
                 (device,), tuple(a.container_id for a in blockers), equivalents, False
             )
@@ -407,7 +443,7 @@ def _choose_gpus(
             f"{request.gpus}: choose a smaller profile or ask an admin",
         )
     equivalents = float(request.gpus)
-    refusal = _quota(limits, allocations, request.user, equivalents)
+    refusal = _quota(inventory, limits, allocations, request, equivalents)
     if refusal:
         return refusal
     ordered = _order(candidates, taken, request)
@@ -419,7 +455,7 @@ def _choose_gpus(
             if len(chosen) == request.gpus:
                 break
             blockers = taken.blockers(device)
-            if device not in chosen and _preemptible(blockers, limits, request.user):
+            if device not in chosen and _preemptible(blockers, limits, request):
                 chosen.append(device)
                 preempts.extend(a.container_id for a in blockers)
     if len(chosen) < request.gpus:

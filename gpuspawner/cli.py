@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import health, inventory
+from .admin import DEFAULT_HUB_ID
 from .events import tail
 from .inventory import InventoryError
 from .ledger import LedgerError
-from .policy import PolicyError
-from .world import World
+from .policy import PolicyError, parse_duration
+from .world import DEFAULT_START_TIMEOUT, World
 
 EXIT_OK, EXIT_PROBLEM, EXIT_CONFIG, EXIT_DOCKER = 0, 1, 2, 3
 
@@ -40,6 +41,14 @@ def _table(rows: list[Sequence[Any]], header: Sequence[str]) -> str:
 def _port_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     return int(low), int(high or low)
+
+
+def _seconds(text: str) -> float:
+    """A ``--start-timeout`` value: seconds, or the policy file's spellings (``3m``)."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -197,6 +206,14 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--events", default=env("GPUSPAWNER_EVENTS"), help="operation log file")
     top.add_argument("--ports", default=env("GPUSPAWNER_PORTS", "40000-40999"),
                      help="host port range, e.g. 40000-40999")
+    top.add_argument("--hub-id", default=env("GPUSPAWNER_HUB_ID") or DEFAULT_HUB_ID,
+                     help="the hub's GPUSpawner.hub_id: whose containers count against its "
+                     f"users' limits (default: GPUSPAWNER_HUB_ID or {DEFAULT_HUB_ID})")
+    top.add_argument("--start-timeout", type=_seconds,
+                     default=env("GPUSPAWNER_START_TIMEOUT") or str(DEFAULT_START_TIMEOUT),
+                     help="the hub's Spawner.start_timeout: a container created this recently "
+                     "and not started is a spawn in flight (default: GPUSPAWNER_START_TIMEOUT "
+                     f"or JupyterHub's {DEFAULT_START_TIMEOUT:.0f} s)")
     sub = top.add_subparsers(dest="command", required=True)
     for name, (_, what) in COMMANDS.items():
         command = sub.add_parser(name, help=what, description=what)
@@ -218,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, None)
     try:
         world = World(docker_host=args.docker_host, policy=args.policy,
-                      inventory_source=args.inventory, topology=args.topology)
+                      inventory_source=args.inventory, topology=args.topology,
+                      start_timeout=args.start_timeout, hub_id=args.hub_id)
         world.policy()  # a broken policy file is a configuration error (2), for doctor too
         world.client  # noqa: B018 - connect now: an engine that is down is exit code 3
         return handler(args, world)

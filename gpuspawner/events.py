@@ -29,9 +29,18 @@ GPU_KEEP = "gpu.keep"
 GPU_PREEMPT = "gpu.preempt"
 GPU_BACKOFF = "gpu.backoff"
 GPU_RELEASE = "gpu.release"
+#: Two or more running containers hold one device (``Snapshot.conflicts``); written once per
+#: conflict by whoever first sees it (the admin service), not on every look.
+GPU_CONFLICT = "gpu.conflict"
+#: A container's labels name other devices than Docker's device requests give it
+#: (``Snapshot.disagreements``); written once per container by the admin service.
+GPU_DISAGREE = "gpu.disagree"
 PORT_ALLOCATE = "port.allocate"
 CONTAINER_CREATE = "container.create"
 CONTAINER_REMOVE = "container.remove"
+#: A container committed to an image before gpuspawner removed it (nothing the user made is
+#: lost: the next container of that server starts from the image).
+CONTAINER_SAVE = "container.save"
 CONTAINER_START = "container.start"
 CONTAINER_STOP = "container.stop"
 SERVER_STOP = "server.stop"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .records import RUNNING, JSONRecord
+from .records import RUNNING, JSONRecord, MigDevice
 from .snapshot import Snapshot
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -41,9 +41,25 @@ def engine_check(client: Any) -> tuple[Check, dict[str, Any] | None]:
 
 
 def runtime_check(info: dict[str, Any] | None) -> Check:
-    """Docker can only honour NVIDIA device requests with the NVIDIA container toolkit."""
+    """Docker can only honour NVIDIA device requests with the NVIDIA container toolkit.
+
+    One check, not two: ``nvidia`` as Docker's *default* runtime (DGX-style hosts) is also a
+    finding about the toolkit's set-up, and it implies the toolkit is there. It is a warning
+    because then every container whose image sets ``NVIDIA_VISIBLE_DEVICES`` gets GPUs without
+    a device request, so neither Docker's records nor gpuspawner's ledger show that use.
+    """
     if info is None:
         return Check("nvidia-runtime", WARN, "unknown: the engine does not answer")
+    if info.get("DefaultRuntime") == "nvidia":
+        return Check(
+            "nvidia-runtime", WARN,
+            "the nvidia runtime is registered and is Docker's default runtime, so any "
+            "container whose image sets NVIDIA_VISIBLE_DEVICES sees GPUs unless it says "
+            "'void'; gpuspawner sets NVIDIA_VISIBLE_DEVICES=void on CPU servers, but "
+            "containers made by hand may use GPUs no one sees; gpuspawner needs only the "
+            'toolkit\'s hook: set "default-runtime": "runc" in /etc/docker/daemon.json unless '
+            "something else on this host relies on it",
+        )
     runtimes = set((info.get("Runtimes") or {}).keys())
     if "nvidia" in runtimes:
         return Check("nvidia-runtime", OK, "the nvidia runtime is registered with Docker")
@@ -56,6 +72,28 @@ def runtime_check(info: dict[str, Any] | None) -> Check:
         "nvidia-runtime", WARN,
         "no NVIDIA container toolkit found: GPU containers will fail to start; install "
         "nvidia-container-toolkit and restart dockerd",
+    )
+
+
+def conflicts_check(snap: Snapshot) -> Check:
+    """Two running containers on one device (``Snapshot.conflicts``) is broken now: both
+    users compute on one GPU's memory and neither was told. A failure, naming the devices
+    and the containers, so an admin knows which one to stop."""
+    found = snap.conflicts()
+    if not found:
+        return Check("conflicts", OK, "no device is held by two running containers")
+    devices = snap.inventory.by_uuid()
+    parts = []
+    for uuid, holders in list(found.items())[:10]:
+        device = devices[uuid]
+        kind = "MIG slice" if isinstance(device, MigDevice) else "GPU"
+        parts.append(f"{kind} {device.slot} ({uuid}) held by "
+                     f"{', '.join(a.container_name for a in holders)}")
+    more = f" (and {len(found) - 10} more)" if len(found) > 10 else ""
+    return Check(
+        "conflicts", FAIL,
+        f"{len(found)} device(s) held by two or more running containers: "
+        f"{'; '.join(parts)}{more}; stop all but one of them",
     )
 
 
@@ -102,12 +140,20 @@ def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -
         ))
     else:
         checks.append(Check("unmanaged", OK, "no unmanaged GPU containers"))
+    checks.append(conflicts_check(snap))
     bad = [a for a in snap.allocations if a.label_problems]
     if bad:
         checks.append(Check(
             "labels", WARN,
             f"{len(bad)} container(s) have labels that make no sense, e.g. "
             f"{bad[0].container_name}: {bad[0].label_problems[0]}",
+        ))
+    disagree = snap.disagreements()
+    if disagree:
+        checks.append(Check(
+            "device-requests", WARN,
+            f"{len(disagree)} container(s) hold other devices than their labels say (they "
+            f"hold both), e.g. {disagree[0].container_name}: {disagree[0].disagreement}",
         ))
     if port_range:
         low, high = port_range

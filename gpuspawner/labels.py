@@ -230,6 +230,8 @@ def decode(labels: Mapping[str, str] | None) -> LabelRecord:
         if not key.startswith(PORT_PREFIX):
             continue
         name = key[len(PORT_PREFIX) :]
+        if not value:
+            continue  # blanked when the container was saved to an image (ledger.save)
         if value.isdigit() and 0 < int(value) < 65536:
             ports.append((name, int(value)))
         else:

@@ -2,9 +2,10 @@
 
 Docker is the only record of who holds what. The ledger lists every container once per read
 (labels, state and published ports come with the list) and inspects only what the list
-cannot tell: the device requests of containers without labels (cached for good: a container's
-device requests never change) and the finish time of stopped managed containers (cached
-while the container stays stopped). In steady state a read is one API call.
+cannot tell: the device requests of every container (inspected once, cached for good: a
+container's device requests never change), which say what it holds whatever its labels say,
+and the finish time of stopped managed containers (cached while the container stays
+stopped). In steady state a read is one API call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -127,8 +129,12 @@ def ago_bounds(status_text: str) -> tuple[float, float] | None:
     if phrase == "About an hour":
         return (3600.0, 5400.0)
     count, unit = int(match.group(2)), _UNIT[match.group(3)]
-    if unit == 3600:  # Docker rounds hours
+    if unit == 3600:  # Docker (go-units HumanDuration) rounds to the nearest hour
         return (3600 * (count - 0.5), 3600 * (count + 0.5))
+    if unit in (86400, 604800, 2592000):
+        # ... and counts days, weeks and months from those rounded hours: "2 days" is
+        # 47.5 h up to 71.5 h.
+        return (unit * count - 1800.0, unit * (count + 1) - 1800.0)
     return (float(count * unit), float((count + 1) * unit))
 
 
@@ -156,7 +162,17 @@ class Reading(JSONRecord):
 
 
 class Ledger:
-    """Reads allocations from a Docker engine; safe to share between threads."""
+    """Reads allocations from a Docker engine; safe to share between threads.
+
+    Every container is inspected once in its life, for its device requests (they cannot
+    change after create): that, not its labels, is what it holds. The list call gives state,
+    labels and published ports each time; the inspect of a stopped container is repeated only
+    when Docker's "Exited … ago" text says it was started and stopped again since.
+    """
+
+    #: Inspects run at most this many at once on a cold read (a hub restart at 1,000
+    #: containers): the engine answers them in parallel, and a bound keeps it responsive.
+    concurrency = 8
 
     def __init__(
         self,
@@ -170,6 +186,8 @@ class Ledger:
         self.log = logger or log
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceFacts] = {}
+        self._labels: dict[str, L.LabelRecord] = {}
+        self._built: dict[str, tuple[tuple[Any, ...], Allocation]] = {}
         self._finished: dict[str, datetime | None] = {}
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -195,7 +213,16 @@ class Ledger:
     ) -> Reading:
         now = now or datetime.now(timezone.utc)
         listed = self._call("a container list", self.api.containers, all=True)
-        calls = 1
+        # Docker's "Exited … ago" texts are relative to the moment of the list.
+        listed_at = datetime.now(timezone.utc)
+        calls = 1 + self._learn([entry["Id"] for entry in listed])
+        holds: dict[str | None, float] = {}
+
+        def hold(user: str | None) -> float:  # asked once per user and read
+            if user not in holds:
+                holds[user] = hold_for(user)
+            return holds[user]
+
         allocations: list[Allocation] = []
         bound: set[int] = set()
         seen: set[str] = set()
@@ -204,22 +231,48 @@ class Ledger:
             seen.add(cid)
             status = entry.get("State") or "unknown"
             if status in _RUNNING_STATES:
-                published = entry.get("Ports") or []
-                bound.update(p["PublicPort"] for p in published if p.get("PublicPort"))
+                bound.update(published_ports(entry))
             try:
-                allocation, used = self._allocation(entry, status, hold_for, now)
+                allocation, used = self._allocation(entry, status, hold, now, listed_at)
             except docker.errors.NotFound:
                 continue  # removed between the list and the inspect
             calls += used
             if allocation is not None:
                 allocations.append(allocation)
         with self._lock:
-            for cid in set(self._devices) - seen:
-                del self._devices[cid]
-            for cid in set(self._finished) - seen:
-                del self._finished[cid]
+            for cache in (self._devices, self._labels, self._finished, self._built):
+                for cid in set(cache) - seen:
+                    del cache[cid]
         allocations.sort(key=lambda a: (a.user or "", a.server, a.container_name))
         return Reading(tuple(allocations), frozenset(bound), len(listed), calls, now)
+
+    def _learn(self, ids: Iterable[str]) -> int:
+        """Inspect the containers never seen before, a bounded number at a time; returns the
+        number of calls made."""
+        with self._lock:
+            new = [cid for cid in ids if cid not in self._devices]
+        if not new:
+            return 0
+
+        def one(cid: str) -> None:
+            try:
+                self._remember(cid, self._inspect(cid))
+            except docker.errors.NotFound:
+                pass  # removed since the list: the read skips it
+
+        if len(new) == 1:
+            one(new[0])
+        else:
+            with ThreadPoolExecutor(min(self.concurrency, len(new))) as pool:
+                list(pool.map(one, new))
+        return len(new)
+
+    def _remember(self, cid: str, attrs: Mapping[str, Any]) -> None:
+        state = attrs.get("State") or {}
+        with self._lock:
+            self._devices[cid] = device_facts(attrs)
+            if state.get("Status") in _STOPPED_STATES:
+                self._finished[cid] = L.parse_time(state.get("FinishedAt"))
 
     def _inspect(self, cid: str) -> dict[str, Any]:
         return self._call(f"an inspect of {cid[:12]}", self.api.inspect_container, cid)
@@ -229,12 +282,20 @@ class Ledger:
             cached = self._devices.get(cid)
         if cached is not None:
             return cached, 0
-        facts = device_facts(self._inspect(cid))
+        self._remember(cid, self._inspect(cid))
         with self._lock:
-            self._devices[cid] = facts
-        return facts, 1
+            return self._devices[cid], 1
 
-    def _finished_at(self, cid: str, status: str, status_text: str) -> tuple[datetime | None, int]:
+    def _label_record(self, cid: str, labelset: Mapping[str, str] | None) -> L.LabelRecord:
+        """A container's decoded labels: decoded once, since labels never change."""
+        record = self._labels.get(cid)
+        if record is None:
+            record = self._labels[cid] = L.decode(labelset)
+        return record
+
+    def _finished_at(
+        self, cid: str, status: str, status_text: str, listed_at: datetime
+    ) -> tuple[datetime | None, int]:
         with self._lock:
             known = cid in self._finished
             cached = self._finished.get(cid)
@@ -245,13 +306,13 @@ class Ledger:
             slack = 1.5  # the engine's clock and the rounding of its text
             if bounds is None:
                 return cached, 0
-            # The text is relative to the engine's clock now, whatever ``now`` the caller judges by.
-            age = (datetime.now(timezone.utc) - cached).total_seconds()
+            # The text is relative to the moment of the list, whatever ``now`` the caller
+            # judges by.
+            age = (listed_at - cached).total_seconds()
             if bounds[0] - slack <= age <= bounds[1] + slack:
                 return cached, 0
         attrs = self._inspect(cid)
-        with self._lock:
-            self._devices.setdefault(cid, device_facts(attrs))
+        self._remember(cid, attrs)
         state = attrs.get("State") or {}
         finished = L.parse_time(state.get("FinishedAt"))
         if (state.get("Status") or status) in _STOPPED_STATES:
@@ -265,89 +326,111 @@ class Ledger:
         status: str,
         hold_for: Callable[[str | None], float],
         now: datetime,
+        listed_at: datetime,
     ) -> tuple[Allocation | None, int]:
+        """One container's record. What Docker cannot change (labels, device requests) is read
+        once; the record is rebuilt only when what the list shows changes, and its state
+        (which depends on the clock) is judged on every read."""
         cid = entry["Id"]
-        name = ((entry.get("Names") or ["/" + cid[:12]])[0]).lstrip("/")
-        created = datetime.fromtimestamp(entry.get("Created") or 0, timezone.utc)
         with self._lock:
             if status not in _STOPPED_STATES:
                 self._finished.pop(cid, None)
-        record = L.decode(entry.get("Labels"))
-        calls = 0
-        if not record.managed:
-            facts, calls = self._facts(cid)
-            if not facts.ids and not facts.count:
-                return None, calls
-            uuids, slots = _split_ids(facts.ids)
-            state = classify(
-                status,
-                managed=False,
-                created_at=created,
-                finished_at=None,
-                hold_seconds=0,
-                start_timeout=self.start_timeout,
-                now=now,
-            )
-            return (
-                Allocation(
-                    container_id=cid,
-                    container_name=name,
-                    managed=False,
-                    state=state,
-                    docker_status=status,
-                    uuids=uuids,
-                    slots=slots,
-                    gpu_count=facts.count,
-                    created_at=created,
-                ),
-                calls,
-            )
+        facts, calls = self._facts(cid)
+        record = self._label_record(cid, entry.get("Labels"))
+        if not record.managed and not facts.ids and not facts.count:
+            return None, calls  # holds nothing, says nothing: not an allocation
         finished = None
-        if status in _STOPPED_STATES:
-            finished, calls = self._finished_at(cid, status, entry.get("Status") or "")
-        allocation = Allocation(
-            container_id=cid,
-            container_name=name,
-            managed=True,
-            state=classify(
-                status,
-                managed=True,
-                created_at=record.created_at or created,
-                finished_at=finished,
-                hold_seconds=hold_for(record.user),
-                start_timeout=self.start_timeout,
-                now=now,
-            ),
-            docker_status=status,
-            user=record.user,
-            server=record.server,
-            profile=record.profile,
-            hub=record.hub,
-            uuids=record.uuids,
-            slots=record.slots,
-            parent_uuids=record.parent_uuids,
-            gis=record.gis,
-            gpu_profile=record.gpu_profile,
-            equivalents=record.equivalents,
-            priority=record.priority,
-            ports=record.ports,
-            created_at=record.created_at or created,
-            allocated_at=record.allocated_at,
-            finished_at=finished,
-            label_problems=record.problems,
-        )
-        if record.problems or (record.slots and not record.uuids):
-            # Labels we cannot trust: Docker's device requests say what the container holds.
-            facts, used = self._facts(cid)
+        if record.managed and status in _STOPPED_STATES:
+            finished, used = self._finished_at(cid, status, entry.get("Status") or "", listed_at)
             calls += used
-            uuids, slots = _split_ids(facts.ids)
-            allocation = replace(
-                allocation,
-                uuids=uuids or allocation.uuids,
-                slots=allocation.slots if allocation.uuids == uuids else slots,
-                gpu_count=facts.count,
-            )
+        name = ((entry.get("Names") or ["/" + cid[:12]])[0]).lstrip("/")
+        published = tuple(sorted(published_ports(entry))) if status in _RUNNING_STATES else ()
+        key = (status, name, finished, published)
+        cached = self._built.get(cid)
+        if cached is not None and cached[0] == key:
+            allocation = cached[1]
+        else:
+            allocation = _record(cid, name, entry, record, facts, status, finished, published)
+        state = classify(
+            status,
+            managed=record.managed,
+            created_at=allocation.created_at,
+            finished_at=finished,
+            hold_seconds=hold_for(record.user) if record.managed else 0.0,
+            start_timeout=self.start_timeout,
+            now=now,
+        )
+        if allocation.state != state:
+            allocation = replace(allocation, state=state)
+        self._built[cid] = (key, allocation)
         return allocation, calls
+
+
+def _record(
+    cid: str,
+    name: str,
+    entry: Mapping[str, Any],
+    record: L.LabelRecord,
+    facts: DeviceFacts,
+    status: str,
+    finished: datetime | None,
+    published: tuple[int, ...],
+) -> Allocation:
+    """The Allocation of a container (its state judged by the caller): what it holds is what
+    Docker gives it, its labels say whose it is and why."""
+    created = datetime.fromtimestamp(entry.get("Created") or 0, timezone.utc)
+    held_uuids, held_slots = _split_ids(facts.ids)
+    if not record.managed:
+        return Allocation(
+            container_id=cid, container_name=name, managed=False, state="", docker_status=status,
+            uuids=held_uuids, slots=held_slots, slot_requests=held_slots,
+            gpu_count=facts.count, created_at=created, published=published,
+        )
+    # The union of its device requests and its labels (a label may name a device the request
+    # does not; both count as taken, and the disagreement is reported).
+    disagreement = ""
+    if set(held_uuids) != set(record.uuids) or held_slots or facts.count:
+        given = ", ".join(facts.ids) or (
+            "all GPUs" if facts.count < 0
+            else f"the first {facts.count} GPU(s)" if facts.count else "no device"
+        )
+        disagreement = (f"labels name {', '.join(record.uuids) or 'no device'} but Docker "
+                        f"gives the container {given}; it holds both")
+    return Allocation(
+        container_id=cid,
+        container_name=name,
+        managed=True,
+        state="",
+        docker_status=status,
+        user=record.user,
+        server=record.server,
+        profile=record.profile,
+        hub=record.hub,
+        interface=record.interface,
+        schema=record.schema,
+        uuids=tuple(dict.fromkeys((*record.uuids, *held_uuids))),
+        slots=record.slots if set(held_uuids) == set(record.uuids) else held_slots,
+        slot_requests=held_slots,
+        parent_uuids=record.parent_uuids,
+        gis=record.gis,
+        gpu_profile=record.gpu_profile,
+        equivalents=record.equivalents,
+        priority=record.priority,
+        ports=record.ports,
+        gpu_count=facts.count,
+        created_at=record.created_at or created,
+        allocated_at=record.allocated_at,
+        finished_at=finished,
+        published=published,
+        disagreement=disagreement,
+        label_problems=record.problems,
+    )
+
+
+def published_ports(entry: Mapping[str, Any]) -> set[int]:
+    """Host ports a container really publishes, from the list's ``Ports`` (Docker's
+    NetworkSettings), never from the bindings it asked for."""
+    return {p["PublicPort"] for p in entry.get("Ports") or [] if p.get("PublicPort")}
 
 
 def connect(base_url: str | None = None, timeout: float = 30.0) -> docker.DockerClient:
@@ -364,12 +447,85 @@ def connect(base_url: str | None = None, timeout: float = 30.0) -> docker.Docker
 
 
 def remove_stopped(client: docker.DockerClient | docker.APIClient, container_id: str) -> None:
-    """Remove a stopped container, keeping its volumes: the one write gpuspawner makes to
-    Docker outside a spawn (an admin releasing a hold early)."""
+    """Remove an exited (or dead) container, keeping its volumes: the one removal gpuspawner
+    makes outside a spawn (an admin releasing a hold early, after ``save``). Asks Docker
+    itself, at the last moment: a running container or one still being created (a spawn in
+    flight) is refused."""
     api = getattr(client, "api", client)
     state = (api.inspect_container(container_id).get("State") or {}).get("Status")
-    if state in _RUNNING_STATES:
+    if state not in ("exited", "dead"):
         raise LedgerError(
-            f"container {container_id[:12]} is {state}; stop the server before releasing its hold"
+            f"container {container_id[:12]} is {state}; only a stopped server's container is "
+            "released (stop the server first)"
         )
     api.remove_container(container_id, v=False)
+
+
+#: Repository of the images a user's container is saved to before gpuspawner removes it.
+SAVED_REPOSITORY = "gpuspawner-saved"
+
+
+def save(
+    client: docker.DockerClient | docker.APIClient,
+    container_id: str,
+    *,
+    hub: str,
+    user: str,
+    server: str,
+    reason: str,
+    now: datetime | None = None,
+) -> str:
+    """Commit a container to an image before it is removed, so nothing the user made outside
+    volumes (files, installed packages) is lost; returns the image's ``repository:tag``.
+
+    The image is labelled with whose it is (``ds01.hub``/``ds01.user``/``ds01.server``), and
+    the labels that would otherwise pass from the old container into a new one made from the
+    image (its device, allocation time and ports) are blanked: a new container's devices come
+    only from its own allocation.
+    """
+    api = getattr(client, "api", client)
+    now = now or datetime.now(timezone.utc)
+    attrs = api.inspect_container(container_id)
+    old = (attrs.get("Config") or {}).get("Labels") or {}
+    blank = {k: "" for k in old if k.startswith((L.PORT_PREFIX, "aime."))
+             or k in (L.GPU_UUID, L.GPU_ALLOCATED_AT)}
+    stamp = now.strftime("%Y%m%d%H%M%S")
+    name = (attrs.get("Name") or container_id[:12]).lstrip("/")
+    repository = f"{SAVED_REPOSITORY}/{name.lower()}"
+    api.commit(
+        container_id,
+        repository=repository,
+        tag=stamp,
+        message=f"saved by gpuspawner before removal: {reason}",
+        conf={"Labels": {**blank, L.HUB: hub, L.USER: user, L.SERVER: server,
+                         L.CREATED_AT: L.utc_iso(now)}},
+    )
+    return f"{repository}:{stamp}"
+
+
+def saved_image(
+    client: docker.DockerClient | docker.APIClient, *, hub: str, user: str, server: str
+) -> str | None:
+    """The newest image (``repository:tag``) a server's container was saved to and that no
+    container was made from yet (``claim`` untags it then), or None."""
+    api = getattr(client, "api", client)
+    found = [
+        image for image in api.images(filters={"label": [f"{L.HUB}={hub}", f"{L.USER}={user}"]})
+        if (image.get("Labels") or {}).get(L.SERVER, "") == server
+        and any(tag.startswith(SAVED_REPOSITORY + "/") for tag in image.get("RepoTags") or [])
+    ]
+    if not found:
+        return None
+    newest = max(found, key=lambda image: image.get("Created") or 0)
+    return next(t for t in newest["RepoTags"] if t.startswith(SAVED_REPOSITORY + "/"))
+
+
+def claim(client: docker.DockerClient | docker.APIClient, saved: str) -> None:
+    """Untag a saved image once a new container was made from it: the container keeps the
+    image (and so the user's files); the tag would otherwise hand the same old copy to a
+    later fresh start."""
+    api = getattr(client, "api", client)
+    try:
+        api.remove_image(saved, force=True, noprune=True)
+    except docker.errors.NotFound:
+        pass

@@ -118,3 +118,42 @@ def permitted(profiles: Iterable[Profile], limits: Any) -> list[Profile]:
 
 def default_of(profiles: list[Profile]) -> Profile | None:
     return next((p for p in profiles if p.default), profiles[0] if profiles else None)
+
+
+class ProfileRefused(ValueError):
+    """A user's choice that cannot be honoured: a stable ``code``, an HTTP ``status``, and
+    the sentence the user sees."""
+
+    def __init__(self, code: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.status, self.message = code, status, message
+
+
+def resolve(
+    options: Mapping[str, Any], allowed: list[Profile], everything: list[Profile]
+) -> Profile:
+    """The profile ``user_options`` ask for. Only a permitted slug, nothing else, is
+    accepted: devices, ports and images come with the profile, never from the user."""
+    extra = sorted(set(options) - {"profile"})
+    names = ", ".join(p.slug for p in allowed) or "none"
+    if extra:
+        raise ProfileRefused(
+            "options", 400,
+            f"Only a profile can be chosen (got {', '.join(extra)}); devices, ports and "
+            f"images come with the profile. Profiles you may choose: {names}.",
+        )
+    if not allowed:
+        if everything:
+            raise ProfileRefused(
+                "profile", 403, "Your policy allows none of this hub's profiles; ask an admin.")
+        return Profile(slug="default", display_name="Default")
+    slug = options.get("profile")
+    if not slug:
+        return default_of(allowed) or allowed[0]
+    for profile in allowed:
+        if profile.slug == slug:
+            return profile
+    raise ProfileRefused(
+        "profile", 400,
+        f"Unknown or forbidden profile {str(slug)[:80]!r}. Profiles you may choose: {names}.",
+    )

@@ -128,8 +128,16 @@ class Allocation(JSONRecord):
     server: str = ""
     profile: str | None = None  # the spawner profile slug
     hub: str | None = None
+    #: ``ds01.interface`` and ``ds01.schema`` as labelled: with ``hub`` they say whose it is.
+    interface: str | None = None
+    schema: str | None = None
+    #: Every device UUID it holds: its device requests' and its labels' (the union).
     uuids: tuple[str, ...] = ()
+    #: Slot ids for people: the labelled ones, or the requested ones where labels disagree.
     slots: tuple[str, ...] = ()
+    #: Devices Docker was asked for by index (``"0"``, ``"0:1"`` as ``"0.1"``), not by UUID:
+    #: held as they resolve against today's inventory.
+    slot_requests: tuple[str, ...] = ()
     parent_uuids: tuple[str, ...] = ()
     gis: tuple[int, ...] = ()
     gpu_profile: str | None = None  # MIG profile or GPU model
@@ -142,12 +150,32 @@ class Allocation(JSONRecord):
     created_at: datetime | None = None
     allocated_at: datetime | None = None
     finished_at: datetime | None = None
+    #: Where its labels name other devices than Docker's device requests give it (it holds
+    #: both): the sentence that says so; empty when they agree.
+    disagreement: str = ""
+    #: Host ports Docker really publishes for it while it runs (whoever asked for them).
+    published: tuple[int, ...] = ()
     #: Labels that were present but did not make sense (edited by hand, another tool).
     label_problems: tuple[str, ...] = field(default=())
 
     @property
     def holds(self) -> bool:
         return self.state in HOLDING_STATES
+
+    def is_ours(self, hub_id: str | None) -> bool:
+        """Whether this hub made the container, the one rule (DESIGN.md "Ours") every path
+        that reuses, stops, removes, replaces or preempts a container checks first."""
+        return (
+            self.managed
+            and bool(hub_id)
+            and self.hub == hub_id
+            and self.interface == "jupyterhub"
+            and bool(self.schema)
+        )
+
+    @property
+    def disagrees(self) -> bool:
+        return bool(self.disagreement)
 
     @property
     def port_map(self) -> dict[str, int]:

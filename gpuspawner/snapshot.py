@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from . import allocator
 from .ledger import Ledger
 from .policy import Limits, Policy
-from .records import Allocation, Device, Inventory, JSONRecord
+from .records import RUNNING, Allocation, Device, Inventory, JSONRecord, MigDevice
+
+#: A device that two or more running containers hold (DESIGN.md "What taken means"); it wins
+#: over every other state, since only a person can settle it.
+CONFLICT = "conflict"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,11 @@ class DeviceView(JSONRecord):
     gpu_index: int
     parent_uuid: str
     equivalents: float
-    holders: tuple[str, ...]  # container ids
-    state: str  # "free" | "running" | "held" | "created" | "unmanaged" | "mig-parent"
+    #: Container ids: those that hold the device itself; for a conflict, every running
+    #: container on it (a whole-GPU holder of a MIG slice's parent included).
+    holders: tuple[str, ...]
+    #: "free" | "running" | "held" | "created" | "unmanaged" | "mig-parent" | "conflict"
+    state: str
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,14 @@ class Snapshot:
     policy: Policy
     bound_ports: frozenset[int]
     taken_at: datetime
+    #: Whose view this is: the hub whose containers count against its users' limits.
+    hub_id: str | None = None
 
     def limits_for(self, user: str, groups: Iterable[str] = ()) -> Limits:
         return self.policy.for_user(user, groups).limits
 
-    def usage(self, user: str, server: str | None = None) -> float:
-        return allocator.usage(self.allocations, user, server)
+    def usage(self, user: str) -> float:
+        return allocator.usage(self.inventory, self.allocations, self.hub_id, user)
 
     def free_by_profile(self) -> dict[str, tuple[int, int]]:
         return allocator.free_by_profile(self.inventory, self.allocations)
@@ -78,19 +88,56 @@ class Snapshot:
                         missing.setdefault(uuid, []).append(allocation)
         return {uuid: tuple(found) for uuid, found in missing.items()}
 
-    def reserved_ports(self) -> frozenset[int]:
-        """Ports in use now, plus those promised to servers that still hold their slot."""
-        promised = {port for a in self.allocations if a.holds for _, port in a.ports}
+    def conflicts(self) -> dict[str, tuple[Allocation, ...]]:
+        """Devices that two or more *running* containers hold, whoever made them, with those
+        containers (oldest first): the one place the conflict rule is written.
+
+        The real NVIDIA runtime lets two containers share a device, so nothing but this
+        rule notices. A MIG slice is also held by a running holder of its parent GPU (a
+        whole-GPU container sees every slice), so a whole-GPU holder and a slice holder of
+        the same GPU conflict on that slice; two holders of two different slices of one GPU
+        do not conflict, which is why a whole GPU counts only its own holders.
+        """
+        running = [a for a in self.allocations if a.state == RUNNING]
+        if len(running) < 2:
+            return {}
+        taken = allocator.Taken(self.inventory, running)
+        found: dict[str, tuple[Allocation, ...]] = {}
+        everything: list[Device] = [*self.inventory.gpus, *self.inventory.migs]
+        for device in everything:
+            if isinstance(device, MigDevice):
+                holders = taken.blockers(device)  # its own holders and its parent's
+            else:
+                holders = list(taken.by_uuid.get(device.uuid, ()))
+            if len(holders) >= 2:
+                found[device.uuid] = tuple(sorted(
+                    holders, key=lambda a: (a.created_at or _EPOCH, a.container_name)))
+        return found
+
+    def disagreements(self) -> tuple[Allocation, ...]:
+        """Containers whose labels name other devices than Docker gives them (they hold both;
+        ``Allocation.label_problems`` says which): shown, checked and logged, never trusted."""
+        return tuple(a for a in self.allocations if a.disagrees)
+
+    def reserved_ports(self, excluding: str | None = None) -> frozenset[int]:
+        """Ports in use now, plus those promised to servers that still hold their slot; not
+        counting the promises of container ``excluding`` (a server's own, restarting)."""
+        promised = {port for a in self.allocations
+                    if a.holds and a.container_id != excluding for _, port in a.ports}
         return self.bound_ports | promised
 
     def devices(self) -> tuple[DeviceView, ...]:
         taken = allocator.Taken(self.inventory, self.allocations)
+        conflicts = self.conflicts()
         rows: list[DeviceView] = []
         everything: list[Device] = [*self.inventory.gpus, *self.inventory.migs]
         for device in everything:
             blockers = taken.blockers(device)
             own = taken.by_uuid.get(device.uuid, [])
-            if not blockers:
+            clash = conflicts.get(device.uuid)
+            if clash:
+                state, own = CONFLICT, list(clash)
+            elif not blockers:
                 state = "free"
             elif not own:
                 state = "mig-parent"  # taken only through its parent or children
@@ -120,6 +167,8 @@ class Snapshot:
             "inventory": self.inventory.to_json(),
             "allocations": [a.to_json() for a in self.allocations],
             "devices": [d.to_json() for d in self.devices()],
+            "conflicts": {u: [a.container_id for a in found]
+                          for u, found in self.conflicts().items()},
             "free": {k: {"free": f, "total": t} for k, (f, t) in self.free_by_profile().items()},
         }
 
@@ -129,8 +178,11 @@ def take(
     ledger: Ledger,
     policy: Policy,
     now: datetime | None = None,
+    hub_id: str | None = None,
 ) -> Snapshot:
-    """Read the world once: the inventory, then Docker (holds counted with ``policy``)."""
+    """Read the world once: the inventory, then Docker (holds counted with ``policy``), as
+    hub ``hub_id`` sees it."""
     inventory = read_inventory()
     reading = ledger.read(policy.hold_seconds, now)
-    return Snapshot(inventory, reading.allocations, policy, reading.bound_ports, reading.read_at)
+    return Snapshot(inventory, reading.allocations, policy, reading.bound_ports, reading.read_at,
+                    hub_id)

@@ -9,7 +9,6 @@ record, so a hub restart loses nothing and a second hub on the same engine sees 
 from __future__ import annotations
 
 import asyncio
-import html
 import inspect
 import random
 import time
@@ -22,64 +21,29 @@ import docker.errors
 import requests.exceptions
 from dockerspawner import DockerSpawner
 from tornado import web
-from traitlets import (
-    Callable as CallableTrait,
-)
-from traitlets import (
-    CaselessStrEnum,
-    Dict,
-    Float,
-    Int,
-    List,
-    Tuple,
-    Unicode,
-    Union,
-    default,
-)
+from traitlets import default
 
-from . import allocator, events, inventory, labels, ports
-from .allocator import Choice, Refusal, Request
+from . import allocator, events, form, inventory, labels, ports, spawnplan
+from . import ledger as ledger_mod
+from .allocator import Refusal
+from .errors import refuse, refused
 from .events import EventLog
-from .ledger import Ledger, LedgerError, remove_stopped
+from .ledger import Ledger, LedgerError
 from .policy import Policy, PolicyError, PolicyFile
-from .profiles import Profile, ProfileError, default_of, parse_profiles, permitted
+from .profiles import (
+    Profile,
+    ProfileError,
+    ProfileRefused,
+    default_of,
+    parse_profiles,
+    permitted,
+    resolve,
+)
 from .records import Inventory
-from .snapshot import Snapshot
+from .snapshot import Snapshot, take
+from .traits import GPUSpawnerTraits
+from .waiters import Waiters
 
-try:  # JupyterHub >= 6: a policy failure, no traceback, a reason label in metrics
-    from jupyterhub.spawner import SpawnException
-except ImportError:  # pragma: no cover - JupyterHub 5
-
-    class SpawnException(web.HTTPError):  # type: ignore[no-redef]
-        def __init__(self, message: str, *, reason: str = "", status_code: int = 400, **_: Any):
-            super().__init__(status_code, log_message=message, reason=None)
-            self.jupyterhub_message = message
-
-
-def refuse(message: str, reason: str, status: int = 400) -> SpawnException:
-    error = SpawnException(message, reason=reason, status_code=status)
-    # JupyterHub shows ``jupyterhub_message`` on the spawn page when it is set.
-    error.jupyterhub_message = message
-    return error
-
-
-def nanotime(stamp: str) -> str:
-    """Docker's RFC 3339 time with its fraction padded to nine digits (Go trims trailing
-    zeros, which would make text order differ from time order)."""
-    head, _, rest = stamp.partition(".")
-    digits = "".join(ch for ch in rest if ch.isdigit())
-    return f"{head.rstrip('Z')}.{digits.ljust(9, '0')[:9]}"
-
-
-_STATUS = {
-    allocator.FORBIDDEN: 403,
-    allocator.NO_SUCH_PROFILE: 400,
-    allocator.NO_GPUS: 503,
-    allocator.QUOTA: 409,
-    allocator.TOO_MANY_SERVERS: 409,
-    allocator.TOO_MANY_DEVICES: 400,
-    allocator.FULL: 503,
-}
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 _RETRYABLE_CALLS = {
     "inspect_container", "inspect_image", "containers", "start", "stop", "port",
@@ -87,27 +51,7 @@ _RETRYABLE_CALLS = {
 }
 
 
-class _Waiters:
-    """Spawns waiting for a device (``gpu_wait_timeout``): first come, first served within a
-    priority, per GPU request."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[int, float, str, str]] = []  # (-priority, since, key, who)
-
-    def join(self, priority: int, key: str, who: str) -> None:
-        if not any(w[3] == who for w in self.queue):
-            self.queue.append((-priority, time.monotonic(), key, who))
-            self.queue.sort()
-
-    def leave(self, who: str) -> None:
-        self.queue = [w for w in self.queue if w[3] != who]
-
-    def position(self, key: str, who: str) -> int:
-        mine = [w[3] for w in self.queue if w[2] == key]
-        return mine.index(who) + 1 if who in mine else 0
-
-
-class GPUSpawner(DockerSpawner):
+class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     """A DockerSpawner that allocates NVIDIA MIG slices / whole GPUs and host ports per server.
 
     Configure ``profile_list`` (what students choose from), ``policy_file`` (who may take
@@ -119,126 +63,7 @@ class GPUSpawner(DockerSpawner):
     _ledgers: ClassVar[dict[str, Ledger]] = {}
     _policies: ClassVar[dict[str, PolicyFile]] = {}
     _event_logs: ClassVar[dict[str, EventLog]] = {}
-    _waiters: ClassVar[_Waiters] = _Waiters()
-
-    hub_id = Unicode(
-        "jupyterhub",
-        config=True,
-        help="""Id of this hub, written into each container's ``ds01.hub`` label so that two
-        hubs on one Docker engine can tell their containers apart. Devices are shared: every
-        hub counts every container's devices as taken, whoever made it.""",
-    )
-
-    profile_list = Union(
-        [List(Dict()), CallableTrait()],
-        default_value=[],
-        config=True,
-        help="""The profiles a user chooses from, as in KubeSpawner's ``profile_list``.
-
-        Each entry: ``display_name``, ``slug`` (default: from the display name),
-        ``description``, ``default`` (bool), ``gpu`` (``{"mig_profile": "1g.10gb"}``,
-        ``{"gpus": 2}`` for whole GPUs, or absent for CPU only), and ``overrides`` with any of
-        ``image``, ``mem_limit``, ``cpu_limit``, ``environment`` (dict) and ``ports``
-        (dict name -> container port, added to ``ports``).
-
-        May be a callable ``f(spawner) -> list`` (may be async) for per-user lists. Profiles
-        the user's policy forbids are not offered. With no profiles, the server is CPU only.""",
-    )
-
-    policy_file = Unicode(
-        None,
-        allow_none=True,
-        config=True,
-        help="""Path of the YAML policy file (limits per user and group, priorities, holds);
-        see docs/policy.md. Re-read when it changes; a file with errors refuses new spawns with
-        the error (running servers are untouched). Unset: built-in defaults (one GPU-equivalent
-        per user, no whole GPUs, no hold after stop).""",
-    )
-
-    inventory_source = CaselessStrEnum(
-        list(inventory.SOURCES),
-        default_value="auto",
-        config=True,
-        help="""Where the GPU inventory comes from: ``nvml`` (nvidia-ml-py), ``nvidia-smi``,
-        ``file`` (``topology_file``), ``none`` (CPU only), or ``auto``: the topology file if
-        set, else NVML, else nvidia-smi, else none.""",
-    )
-
-    topology_file = Unicode(
-        None,
-        allow_none=True,
-        config=True,
-        help="""A static topology file (YAML/JSON; see docs/inventory.md) for hubs that
-        cannot see the GPUs themselves. Must be kept in step with the host by hand.""",
-    )
-
-    port_range = Tuple(
-        Int(),
-        Int(),
-        default_value=(40000, 40999),
-        config=True,
-        help="""Host ports (inclusive) from which each server's ``ports`` are published.
-        Ports are checked against every container in Docker and against the host itself.""",
-    )
-
-    ports = Union(
-        [Dict(), CallableTrait()],
-        default_value={},
-        config=True,
-        help="""Extra container ports to publish on a host port each, as ``{name: container
-        port}``, e.g. ``{"ssh": 22, "tensorboard": 6006}``. Host ports come from
-        ``port_range``; a server keeps its ports across restarts while they are free. The
-        choice is shown in the spawn progress, written to the ``ds01.port.<name>`` labels and
-        given to the server as ``GPUSPAWNER_PORT_<NAME>`` environment variables. May be a
-        callable of the spawner.""",
-    )
-
-    ports_host_ip = Unicode(
-        "0.0.0.0",
-        config=True,
-        help="Host address the extra ``ports`` are published on (and probed on).",
-    )
-
-    on_gpu_lost = CaselessStrEnum(
-        ["reallocate", "fail"],
-        default_value="reallocate",
-        config=True,
-        help="""What a restart does when the stopped server's device is gone (MIG re-created,
-        GPU removed) or was given to someone else after the hold: ``reallocate`` removes the
-        old container (volumes are kept) and creates a new one, preferring the same GPU and
-        profile; ``fail`` refuses, saying what happened and what to do.""",
-    )
-
-    gpu_wait_timeout = Float(
-        0,
-        config=True,
-        help="""Seconds a spawn waits for a device when its profile is full, showing its
-        place in the queue (first come, first served within a priority). 0: refuse at once
-        with the reason.""",
-    )
-
-    allocation_strategy = CaselessStrEnum(
-        [allocator.PACK, allocator.SPREAD],
-        default_value=allocator.PACK,
-        config=True,
-        help="""``pack``: fill partly used GPUs first so whole GPUs stay free for multi-GPU
-        profiles; ``spread``: prefer the emptiest GPU.""",
-    )
-
-    events_file = Unicode(
-        None,
-        allow_none=True,
-        config=True,
-        help="""Operation log (JSON lines: allocations, refusals, re-allocations, ports,
-        containers). Unset: kept in memory only, and in the hub's log.""",
-    )
-
-    docker_retries = Int(
-        3,
-        config=True,
-        help="""Times a Docker call that failed for a transient reason (engine restarting,
-        connection refused, 5xx) is retried, with backoff, before the spawn fails.""",
-    )
+    _waiters: ClassVar[Waiters] = Waiters()
 
     @default("remove")
     def _default_remove(self) -> bool:
@@ -357,10 +182,7 @@ class GPUSpawner(DockerSpawner):
 
     def take_snapshot(self) -> Snapshot:
         """Read the world once (blocking: call through the executor)."""
-        policy = self.load_policy()
-        read = self.ledger.read(policy.hold_seconds)
-        return Snapshot(self.read_inventory(), read.allocations, policy, read.bound_ports,
-                        read.read_at)
+        return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id)
 
     async def snapshot(self) -> Snapshot:
         loop = asyncio.get_running_loop()
@@ -398,66 +220,23 @@ class GPUSpawner(DockerSpawner):
         try:
             profiles = await self.user_profiles()
         except web.HTTPError as exc:
-            return f"<p class='alert alert-danger'>{html.escape(str(exc.log_message))}</p>"
+            return form.error(str(exc.log_message))
         if not profiles:
             return ""
         try:
             snap = await self.snapshot()
-            free = snap.free_by_profile()
-            has_gpus = bool(snap.inventory.gpus)
-            trouble = None
+            free, has_gpus, trouble = snap.free_by_profile(), bool(snap.inventory.gpus), None
         except web.HTTPError as exc:
             free, has_gpus, trouble = {}, True, exc.log_message
         chosen = (self.user_options or {}).get("profile") or default_of(profiles).slug
-        rows = []
-        for profile in profiles:
-            note, full = self._availability(profile, free, has_gpus, trouble)
-            checked = "checked" if profile.slug == chosen and not full else ""
-            disabled = "disabled" if full else ""
-            rows.append(
-                f"""
-  <label class="list-group-item gpuspawner-profile{' text-muted' if full else ''}">
-    <input type="radio" class="form-check-input me-2" name="profile"
-           value="{html.escape(profile.slug)}" {checked} {disabled}>
-    <strong>{html.escape(profile.display_name)}</strong>
-    <span class="badge {'bg-secondary' if full else 'bg-success'} ms-2"
-          data-free="{html.escape(note)}">{html.escape(note)}</span>
-    <div class="small">{html.escape(profile.description)}</div>
-  </label>"""
-            )
-        return (
-            '<div class="list-group gpuspawner-profiles">'
-            + "".join(rows)
-            + "\n</div>"
-        )
-
-    @staticmethod
-    def _availability(
-        profile: Profile, free: dict[str, tuple[int, int]], has_gpus: bool, trouble: str | None
-    ) -> tuple[str, bool]:
-        if not profile.wants_gpu:
-            return "CPU only", False
-        if trouble:
-            return "availability unknown", False
-        if not has_gpus:
-            return "unavailable: no NVIDIA GPUs on this host", True
-        key = profile.mig_profile or "gpu"
-        have, total = free.get(key, (0, 0))
-        label = profile.mig_profile or "whole GPUs"
-        if total == 0:
-            return f"unavailable: no {label} on this host", True
-        if profile.gpus and have < profile.gpus:
-            return f"{label}: {have} of {total} free (needs {profile.gpus}) - full", True
-        if have == 0:
-            return f"{label}: 0 of {total} free - full", True
-        return f"{label}: {have} of {total} free", False
+        return form.render(profiles, free, has_gpus, trouble, chosen)
 
     @default("options_form")
     def _default_options_form(self) -> Callable[[Any], Any]:
-        async def form(spawner: GPUSpawner) -> str:
+        async def options_form(spawner: GPUSpawner) -> str:
             return await spawner._render_options_form()
 
-        return form
+        return options_form
 
     @default("options_from_form")
     def _default_options_from_form(self) -> Callable[[dict[str, list[str]]], dict[str, Any]]:
@@ -468,33 +247,12 @@ class GPUSpawner(DockerSpawner):
         return options_from_form
 
     async def resolve_profile(self) -> Profile:
-        """The profile of ``user_options``; only a permitted slug, nothing else, is accepted."""
-        options = dict(self.user_options or {})
-        extra = sorted(set(options) - {"profile"})
-        allowed = await self.user_profiles()
-        names = ", ".join(p.slug for p in allowed) or "none"
-        if extra:
-            raise refuse(
-                f"Only a profile can be chosen (got {', '.join(extra)}); devices, ports and "
-                f"images come with the profile. Profiles you may choose: {names}.",
-                "options",
-            )
-        if not allowed:
-            everything = await self._profiles()
-            if everything:
-                raise refuse("Your policy allows none of this hub's profiles; ask an admin.",
-                             "profile", 403)
-            return Profile(slug="default", display_name="Default")
-        slug = options.get("profile")
-        if not slug:
-            return default_of(allowed)
-        for profile in allowed:
-            if profile.slug == slug:
-                return profile
-        raise refuse(
-            f"Unknown or forbidden profile {str(slug)[:80]!r}. Profiles you may choose: {names}.",
-            "profile",
-        )
+        """The profile of ``user_options`` (``profiles.resolve``: a permitted slug only)."""
+        try:
+            return resolve(dict(self.user_options or {}), await self.user_profiles(),
+                           await self._profiles())
+        except ProfileRefused as exc:
+            raise refuse(exc.message, exc.code, exc.status) from exc
 
     def _apply_overrides(self, profile: Profile) -> None:
         overrides = profile.overrides
@@ -540,8 +298,6 @@ class GPUSpawner(DockerSpawner):
     # ------------------------------------------------------------------ Docker calls
 
     def _docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if method == "create_container" and self._plan is not None:
-            kwargs = self._with_allocation(kwargs)
         attempts = self.docker_retries if method in _RETRYABLE_CALLS else 0
         delay = 0.5
         for attempt in range(attempts + 1):
@@ -560,41 +316,45 @@ class GPUSpawner(DockerSpawner):
             delay *= 2
         raise AssertionError("unreachable")
 
-    def _with_allocation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        plan = self._plan
-        kwargs = dict(kwargs)
-        kwargs["labels"] = {**(kwargs.get("labels") or {}), **plan["labels"]}
-        host_config = kwargs.setdefault("host_config", {})
-        if plan["uuids"]:
-            host_config["DeviceRequests"] = [
-                docker.types.DeviceRequest(
-                    driver="nvidia", device_ids=list(plan["uuids"]), capabilities=[["gpu"]]
-                )
-            ]
-        exposed = kwargs.get("ports") or {}
-        if isinstance(exposed, list):
-            exposed = {p: None for p in exposed}
-        bindings = host_config.setdefault("PortBindings", {})
-        for name, host_port in plan["ports"].items():
-            key = f"{plan['container_ports'][name]}/tcp"
-            exposed[key] = None
-            bindings[key] = [{"HostIp": self.ports_host_ip, "HostPort": str(host_port)}]
-        kwargs["ports"] = list(exposed)
-        return kwargs
-
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
-        plan = getattr(self, "_plan", None)
-        if plan:
-            for name, port in plan["ports"].items():
-                env[f"GPUSPAWNER_PORT_{name.upper().replace('-', '_')}"] = str(port)
-            env["GPUSPAWNER_PROFILE"] = plan["labels"][labels.PROFILE]
-            env["GPUSPAWNER_GPU"] = plan["labels"][labels.GPU_ALLOCATED]
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"  # never a GPU unless the plan gives one
+        if self._plan is not None:
+            env.update(dict(self._plan.environment))
         return env
+
+    async def create_object(self):
+        """DockerSpawner's create, plus what the plan decided: labels, the device request by
+        UUID, and the extra ports published on ``ports_host_ip`` (docker-py's dict forms,
+        so Docker really publishes them)."""
+        plan = self._plan
+        if plan is None:
+            return await super().create_object()
+        admin_kwargs, admin_host = self.extra_create_kwargs, self.extra_host_config
+        create, host = spawnplan.docker_kwargs(plan, self.ports_host_ip or self.host_ip)
+
+        async def merged(spawner: GPUSpawner, admin: Any, ours: dict[str, Any]) -> dict[str, Any]:
+            value = spawner._eval_if_callable(admin)
+            if inspect.isawaitable(value):
+                value = await value
+            value = dict(value or {})
+            for key, extra in ours.items():
+                if isinstance(extra, dict):
+                    value[key] = {**(value.get(key) or {}), **extra}
+                else:
+                    value[key] = [*(value.get(key) or []), *extra]
+            return value
+
+        self.extra_create_kwargs = lambda sp: merged(sp, admin_kwargs, create)
+        self.extra_host_config = lambda sp: merged(sp, admin_host, host)
+        try:
+            return await super().create_object()
+        finally:
+            self.extra_create_kwargs, self.extra_host_config = admin_kwargs, admin_host
 
     # ------------------------------------------------------------------ spawn
 
-    _plan: dict[str, Any] | None = None
+    _plan: spawnplan.Plan | None = None
 
     async def start(self):
         if self._spawn_done:  # started without the pre-spawn hook (tests, other callers)
@@ -626,278 +386,210 @@ class GPUSpawner(DockerSpawner):
             self.orm_spawner.user_options = self.user_options
         self._progress(10, f"Profile {profile.display_name} ({profile.request_label()})")
         await self.pull_image(self.image)
+        image = self.image
         wanted_ports = self._wanted_ports(profile)
-        policy = self.load_policy()
-        limits = policy.for_user(self.user.name, self._groups()).limits
+        limits = self.load_policy().for_user(self.user.name, self._groups()).limits
         quota = limits.max_gpu_equivalents
         self._progress(15, "Policy checked: " + (
             "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
-
-        obj = await self.get_object()
-        if obj and self.remove:
-            await self._remove_container(obj, "remove=True: a fresh container every start")
-            obj = None
-
-        reused = False
-        for _attempt in range(4):
+        waited = False
+        for _attempt in range(5):
+            self.image = image
             async with self._lock():
                 snap = await self.snapshot()
-                obj = await self.get_object() if obj is not None else None
-                decision = await self._decide(snap, profile, limits, obj, wanted_ports)
-                if decision == "reuse":
-                    reused = True
-                    self._reuse_token(obj)
-                    break
-                await self.create_object_locked()
-            lost = await self._lost_race()
+                request = await self._spawn_request(profile, wanted_ports)
+                result = spawnplan.plan(snap, request, self._port_free, limits)
+                if not (isinstance(result, Refusal) and result.code == allocator.FULL
+                        and self.gpu_wait_timeout and not waited):
+                    self._plan = await self._carry_out(result)
+            if self._plan is None:  # full: wait outside the lock, then plan again
+                waited = True
+                await self._wait_for_device(request, limits)
+                continue
+            lost = await self._race(running=False)
             if not lost:
-                break
-            self.event_log.write(events.GPU_BACKOFF, user=self.user.name, server=self.name,
-                                 container=self.object_name, devices=lost)
-            self._progress(30, "Another server took the same device at the same moment; "
-                               "choosing again")
-            await self._remove_container(await self.get_object(), "lost a race for a device")
-            obj = None
-            await asyncio.sleep(random.random() * 0.3)
+                if not await self._start_container():
+                    continue  # the device vanished at the start: plan again
+                lost = await self._race(running=True)
+                if not lost:
+                    break
+            await self._back_off(lost)
         else:
             raise refuse("Could not allocate a device after several tries (other servers "
                          "kept taking them); try again.", "race", 503)
-
-        self._progress(70, "Starting the container")
-        try:
-            await self._start_container(profile, limits, wanted_ports)
-        except Exception:
-            # A container that was created and could not start is a failed spawn: it must
-            # not sit on its device until the start time-out runs out.
-            await self._remove_never_started()
-            raise
         self.ledger.forget(self.object_id)
         self.event_log.write(events.CONTAINER_START, user=self.user.name, server=self.name,
-                             container=self.object_name, reused=reused)
+                             container=self.object_name, reused=self._plan.action == "reuse")
         if self.post_start_cmd:
             await self.post_start_exec()
         ip, port = await self.get_ip_and_port()
         self._progress(90, "Server started; waiting for Jupyter to answer")
         return ip, port
 
-    async def _remove_never_started(self) -> None:
-        try:
-            obj = await self.get_object()
-            if obj and obj["State"].get("Status") == "created":
-                await self._remove_container(obj, "the spawn failed before it started")
-        except Exception as exc:  # the original failure matters more
-            self.log.warning("could not remove the failed container %s: %s", self.object_name,
-                             exc)
+    def _port_free(self, port: int) -> bool:
+        return ports.host_port_free(port, self.ports_host_ip or self.host_ip)
 
-    async def _start_container(self, profile: Profile, limits: Any, wanted_ports) -> None:
+    async def _spawn_request(self, profile: Profile, wanted: dict[str, int]):
+        """The plain data ``spawnplan.plan`` decides on: this server's existing container as
+        Docker shows it, and the saved image of its last container."""
+        obj = await self.get_object()
+        existing = None if obj is None else spawnplan.Existing(
+            obj["Id"], obj["Name"].lstrip("/"), (obj.get("State") or {}).get("Status", ""),
+            labels.decode((obj.get("Config") or {}).get("Labels")),
+        )
+        saved = None
+        if obj is None and not self.remove:
+            saved = await self._run(ledger_mod.saved_image, self.client, hub=self.hub_id,
+                                    user=self.user.name, server=self.name)
+        return spawnplan.SpawnRequest(
+            hub_id=self.hub_id, user=self.user.name, server=self.name, profile=profile.slug,
+            container_name=self.object_name, mig_profile=profile.mig_profile,
+            gpus=profile.gpus, groups=tuple(self._groups()), existing=existing,
+            ports=tuple(sorted(wanted.items())), port_range=tuple(self.port_range),
+            on_gpu_lost=self.on_gpu_lost, replace_with=self.replace_with, remove=self.remove,
+            strategy=self.allocation_strategy, saved_image=saved,
+            now=datetime.now(timezone.utc),
+        )
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+
+    async def _carry_out(self, result: spawnplan.Plan | Refusal) -> spawnplan.Plan:
+        """The executor, under the allocation lock: refuse, or remove what the plan removes
+        (saving each to an image first where it says so) and create the new container."""
+        user, server = self.user.name, self.name
+        if isinstance(result, Refusal):
+            self.event_log.write(events.GPU_REFUSE, user=user, server=server,
+                                 code=result.code, reason=result.message,
+                                 holders=[h.to_json() for h in result.holders])
+            raise refused(result)
+        plan = result
+        for percent, message in plan.progress:
+            self._progress(percent, message)
+        for event in plan.events:
+            self.event_log.write(event.name, user=user, server=server, **event.data())
+        for removal in plan.removals:
+            await self._retire(removal)
+        if plan.action == spawnplan.REUSE:
+            self.object_id = plan.existing or ""
+            self._reuse_token(await self.get_object())
+            return plan
+        old_name = None
+        if plan.replaced is not None:
+            if plan.replaced.save:
+                self.image = await self._save(plan.replaced)
+            old_name = f"{plan.replaced.container_name}-replaced-{plan.replaced.container_id[:12]}"
+            await self.docker("rename", plan.replaced.container_id, old_name)
+        elif plan.image:
+            self.image = plan.image
+        self._plan = plan
         try:
-            await self.start_object()
+            obj = await self.create_object()
+        except Exception:
+            if old_name is not None:  # put the old container back: nothing changed
+                await self.docker("rename", plan.replaced.container_id,
+                                  plan.replaced.container_name)
+                if plan.replaced.save:  # the copy is not needed: the container is back
+                    await self._run(ledger_mod.claim, self.client, self.image)
+            raise
+        self.object_id = obj[self.object_id_key]
+        self.event_log.write(
+            events.CONTAINER_CREATE, user=user, server=server, container=self.object_name,
+            id=self.object_id[:12], image=self.image, devices=list(plan.device_ids),
+            slots=list(plan.choice.slots), ports=plan.host_ports,
+        )
+        self._progress(60, f"Container {self.object_name} created")
+        if plan.replaced is not None:
+            await self._retire(plan.replaced, saved=True)
+        if self.image.startswith(ledger_mod.SAVED_REPOSITORY + "/"):
+            await self._run(ledger_mod.claim, self.client, self.image)
+        return plan
+
+    async def _save(self, removal: spawnplan.Removal) -> str:
+        """Commit a container before its removal; a failed commit refuses the spawn and
+        keeps the container as it is."""
+        self._progress(36, f"Saving {removal.container_name} (your files and packages)")
+        try:
+            image = await self._run(
+                ledger_mod.save, self.client, removal.container_id, hub=self.hub_id,
+                user=removal.user or "", server=removal.server, reason=removal.reason)
         except docker.errors.APIError as exc:
-            if "unknown device" not in str(exc) or self.on_gpu_lost == "fail":
-                raise
-            # The device vanished between our read and the start (a MIG re-creation).
-            self.log.warning("GPU vanished while starting %s: %s", self.object_name, exc)
-            await self._remove_container(await self.get_object(), "device vanished at start")
-            async with self._lock():
-                snap = await self.snapshot()
-                await self._decide(snap, profile, limits, None, wanted_ports)
-                await self.create_object_locked()
-            await self.start_object()
+            raise refuse(
+                f"Your server's container could not be saved before it is replaced ({exc}); "
+                "nothing was removed. Try again, or ask an admin to check the disk space.",
+                "save", 503) from exc
+        self.event_log.write(events.CONTAINER_SAVE, user=removal.user, server=removal.server,
+                             container=removal.container_name, image=image,
+                             reason=removal.reason)
+        return image
 
-    def _reuse_token(self, obj: dict[str, Any]) -> None:
+    async def _retire(self, removal: spawnplan.Removal, saved: bool = False) -> None:
+        """Remove a container the plan removes: saved first where the plan says (unless it
+        was just saved), volumes kept (anonymous ones too, except for ``remove=True``)."""
+        if removal.save and not saved:
+            await self._save(removal)
+        await self.docker("remove_container", removal.container_id,
+                          v=removal.reason == spawnplan.FRESH)
+        self.ledger.forget(removal.container_id)
+        self.event_log.write(events.CONTAINER_REMOVE, user=removal.user, server=removal.server,
+                             container=removal.container_name, reason=removal.reason,
+                             saved=removal.save, volumes="kept")
+
+    async def _race(self, running: bool) -> tuple[str, ...]:
+        """``spawnplan.race_loser`` on a fresh read, with Docker's nanosecond Created times."""
+        plan = self._plan
+        if plan is None or not plan.choice.uuids:
+            return ()
+        snap = await self.snapshot()
+        mine = next((a for a in snap.allocations if a.container_id == self.object_id), None)
+        if mine is None:
+            return ()
+        created = {a.container_id: await self._created(a.container_id)
+                   for a in (mine, *spawnplan.rivals(mine, snap))}
+        return spawnplan.race_loser(mine, snap, created, running)
+
+    async def _back_off(self, lost: tuple[str, ...]) -> None:
+        """Lost the race: stop our own container; remove it if this spawn made it."""
+        self.event_log.write(events.GPU_BACKOFF, user=self.user.name, server=self.name,
+                             container=self.object_name, devices=list(lost))
+        self._progress(30, "Another server took the same device at the same moment; "
+                           "choosing again")
+        await self.docker("stop", self.object_id)
+        await self._drop_own(spawnplan.RACE_LOST)
+        self._plan = None
+        await asyncio.sleep(random.random() * 0.3)
+
+    async def _drop_own(self, reason: str) -> None:
+        """Remove the container this spawn created (never one it reused: that one is the
+        user's, and the next plan replaces it without loss if it must)."""
+        if self._plan is not None and self._plan.creates:
+            await self._retire(spawnplan.Removal(self.object_id, self.object_name, reason,
+                                                 self.user.name, False, self.name))
+
+    async def _start_container(self) -> bool:
+        """Start; False when the device vanished at the start (the caller plans again)."""
+        self._progress(70, "Starting the container")
+        try:
+            await self.start_object()
+            return True
+        except Exception as exc:
+            # A container this spawn made that cannot start is a failed spawn: it must not
+            # sit on its device until the start time-out runs out.
+            await self._drop_own(spawnplan.START_FAILED)
+            if "unknown device" not in str(exc):
+                raise
+            self.log.warning("GPU vanished while starting %s: %s", self.object_name, exc)
+            self._progress(65, "The GPU device vanished at the start; choosing again")
+            self._plan = None
+            return False
+
+    def _reuse_token(self, obj: dict[str, Any] | None) -> None:
         """A reused container keeps the API token it was created with (as DockerSpawner does)."""
-        for line in obj["Config"]["Env"] or []:
+        for line in (obj or {}).get("Config", {}).get("Env") or []:
             if line.startswith(("JPY_API_TOKEN=", "JUPYTERHUB_API_TOKEN=")):
                 self.api_token = line.split("=", 1)[1]
                 break
-
-    async def create_object_locked(self) -> None:
-        obj = await self.create_object()
-        self.object_id = obj[self.object_id_key]
-        plan = self._plan or {}
-        self.event_log.write(
-            events.CONTAINER_CREATE, user=self.user.name, server=self.name,
-            container=self.object_name, id=self.object_id[:12], image=self.image,
-            devices=list(plan.get("uuids", ())), slots=list(plan.get("slots", ())),
-            ports=plan.get("ports"),
-        )
-        self._progress(60, f"Container {self.object_name} created")
-
-    async def _remove_container(self, obj: dict[str, Any] | None, why: str) -> None:
-        if not obj:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, remove_stopped, self.client, obj["Id"])
-        self.ledger.forget(obj["Id"])
-        self.event_log.write(events.CONTAINER_REMOVE, user=self.user.name, server=self.name,
-                             container=obj["Name"].lstrip("/"), reason=why, volumes="kept")
-        self.object_id = ""
-
-    async def _decide(
-        self,
-        snap: Snapshot,
-        profile: Profile,
-        limits: Any,
-        obj: dict[str, Any] | None,
-        wanted_ports: dict[str, int],
-    ) -> str:
-        """Reuse the stopped container, or plan a new one. Raises a SpawnException to refuse."""
-        old = labels.decode((obj or {}).get("Config", {}).get("Labels")) if obj else None
-        if old is not None and old.hub and old.hub != self.hub_id:
-            # Never remove another hub's container: two hubs share a name template.
-            raise refuse(
-                f"A container named {self.object_name} already belongs to hub {old.hub}; an "
-                "admin must give this hub its own DockerSpawner.prefix.",
-                "name-clash",
-                409,
-            )
-        request = Request(
-            user=self.user.name,
-            server=self.name,
-            profile=profile.slug,
-            mig_profile=profile.mig_profile,
-            gpus=profile.gpus,
-            prefer_uuids=old.uuids if old else (),
-            prefer_parents=old.parent_uuids if old else (),
-            strategy=self.allocation_strategy,
-        )
-        choice = snap.choose(request, self._groups())
-        if isinstance(choice, Refusal) and choice.code == allocator.FULL and self.gpu_wait_timeout:
-            choice = await self._wait_for_device(snap, request, limits)
-        if isinstance(choice, Refusal):
-            self.event_log.write(events.GPU_REFUSE, user=self.user.name, server=self.name,
-                                 profile=profile.slug, code=choice.code, reason=choice.message,
-                                 holders=[h.to_json() for h in choice.holders])
-            raise refuse(choice.message[0].upper() + choice.message[1:] + ".", choice.code,
-                         _STATUS.get(choice.code, 400))
-
-        if obj is not None and old is not None:
-            reason = self._cannot_reuse(snap, obj, old, profile, choice, wanted_ports)
-            if reason is None:
-                self._progress(40, f"Keeping {choice.describe()} (same as before)")
-                self.event_log.write(events.GPU_KEEP, user=self.user.name, server=self.name,
-                                     container=self.object_name, devices=list(choice.uuids),
-                                     slots=list(choice.slots))
-                return "reuse"
-            if reason.startswith("gpu:") and self.on_gpu_lost == "fail":
-                raise refuse(
-                    f"{reason[4:]}. Your server was not started; its files are safe. Ask an "
-                    "admin, or set up a fresh server (it will get another device).",
-                    "gpu-lost",
-                    409,
-                )
-            self._progress(35, f"{reason.removeprefix('gpu:')}: creating a new container "
-                               "(your volumes are kept)")
-            if reason.startswith("gpu:"):
-                self.event_log.write(events.GPU_REALLOCATE, user=self.user.name,
-                                     server=self.name, container=self.object_name,
-                                     old=list(old.uuids), new=list(choice.uuids),
-                                     reason=reason[4:])
-            await self._remove_container(obj, reason.removeprefix("gpu:"))
-
-        for container_id in choice.preempts:
-            victim = next(a for a in snap.allocations if a.container_id == container_id)
-            self.event_log.write(events.GPU_PREEMPT, user=self.user.name, server=self.name,
-                                 holder=victim.user, container=victim.container_name,
-                                 devices=list(victim.uuids))
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.executor, remove_stopped, self.client, container_id)
-            self.ledger.forget(container_id)
-
-        self._plan = self._make_plan(snap, profile, choice, wanted_ports, limits, old)
-        self.event_log.write(
-            events.GPU_ALLOCATE, user=self.user.name, server=self.name, profile=profile.slug,
-            devices=list(choice.uuids), slots=list(choice.slots), gpu_profile=choice.gpu_profile,
-            equivalents=choice.equivalents,
-        )
-        self._progress(40, f"Device chosen: {choice.describe()}")
-        if self._plan["ports"]:
-            shown = ", ".join(f"{k} {v}" for k, v in sorted(self._plan["ports"].items()))
-            self.event_log.write(events.PORT_ALLOCATE, user=self.user.name, server=self.name,
-                                 ports=self._plan["ports"])
-            self._progress(50, f"Host ports: {shown}")
-        return "create"
-
-    def _cannot_reuse(self, snap, obj, old, profile, choice: Choice, wanted_ports) -> str | None:
-        """Why the stopped container cannot simply be started again (None: it can)."""
-        if not old.managed:
-            return "the old container predates gpuspawner's labels"
-        if old.profile != profile.slug:
-            return f"profile changed from {old.profile} to {profile.slug}"
-        if set(old.uuids) != set(choice.uuids):
-            present = snap.inventory.by_uuid()
-            gone = [u for u in old.uuids if u not in present]
-            if gone:
-                return f"gpu:Your previous GPU device {gone[0]} no longer exists (the GPU was " \
-                       "re-partitioned or the host rebooted)"
-            return "gpu:Your previous GPU slot was given to someone else after your hold ended"
-        if set(dict(old.ports)) != set(wanted_ports):
-            return "the published ports changed"
-        mine = {p for _, p in old.ports}
-        others = snap.reserved_ports() - mine
-        for name, port in old.ports:
-            if port in others or not ports.host_port_free(port, self.ports_host_ip):
-                return f"host port {port} ({name}) is now used by something else"
-        return None
-
-    def _make_plan(self, snap, profile, choice: Choice, wanted_ports, limits, old):
-        previous = dict(old.ports) if old else {}
-        try:
-            chosen = ports.choose(
-                wanted_ports, tuple(self.port_range), snap.reserved_ports(), previous,
-                lambda p: ports.host_port_free(p, self.ports_host_ip),
-            )
-        except ports.PortsExhausted as exc:
-            raise refuse(f"{exc}.", "ports", 503) from exc
-        now = datetime.now(timezone.utc)
-        labelset = labels.encode(
-            hub=self.hub_id, user=self.user.name, server=self.name, profile=profile.slug,
-            created_at=now, slots=choice.slots, uuids=choice.uuids,
-            parent_uuids=choice.parent_uuids, gis=choice.gis, gpu_profile=choice.gpu_profile,
-            equivalents=choice.equivalents, priority=limits.priority, ports=chosen,
-        )
-        return {
-            "labels": labelset, "uuids": choice.uuids, "slots": choice.slots,
-            "ports": chosen, "container_ports": wanted_ports,
-        }
-
-    async def _lost_race(self) -> list[str]:
-        """After create: did another creator take one of our devices at the same moment?
-
-        Every creator applies the same rule, so two hubs never both stay: a running holder
-        keeps the device, and otherwise the earlier creation keeps it, by Docker's own
-        nanosecond ``Created`` time (one engine, one clock; the container id breaks a tie).
-        A container created after our check cannot be earlier than ours, so whoever checked
-        first and saw no rival is right to stay.
-        """
-        plan = self._plan or {}
-        if not plan.get("uuids"):
-            return []
-        snap = await self.snapshot()
-        if not any(a.container_id == self.object_id for a in snap.allocations):
-            return []
-        taken = allocator.Taken(
-            snap.inventory, [a for a in snap.allocations if a.container_id != self.object_id]
-        )
-        devices = snap.inventory.by_uuid()
-        rivals = {
-            other.container_id: (uuid, other)
-            for uuid in plan["uuids"]
-            if uuid in devices
-            for other in taken.blockers(devices[uuid])
-        }
-        if not rivals:
-            return []
-        mine = await self._created(self.object_id)
-        lost = []
-        for container_id, (uuid, other) in rivals.items():
-            if other.state == "running":
-                lost.append(uuid)
-                continue
-            theirs = await self._created(container_id)
-            if (theirs, container_id) < (mine, self.object_id):
-                lost.append(uuid)
-        return sorted(set(lost))
 
     async def _created(self, container_id: str) -> str:
         """Docker's Created time with all nine digits of nanoseconds, comparable as text."""
@@ -905,16 +597,15 @@ class GPUSpawner(DockerSpawner):
             attrs = await self.docker("inspect_container", container_id)
         except docker.errors.NotFound:
             return "9999"  # gone already: it backed off
-        return nanotime(str(attrs.get("Created", "")))
+        return spawnplan.nanotime(str(attrs.get("Created", "")))
 
-    async def _wait_for_device(self, snap: Snapshot, request: Request, limits: Any):
+    async def _wait_for_device(self, request: spawnplan.SpawnRequest, limits: Any) -> None:
+        """Wait, outside the lock, until the profile has a free device for this user (the
+        caller then plans again under the lock) or ``gpu_wait_timeout`` runs out."""
         key = f"{request.mig_profile}:{request.gpus}"
         who = self._log_name
         self._waiters.join(limits.priority, key, who)
         deadline = time.monotonic() + self.gpu_wait_timeout
-        choice: Choice | Refusal = Refusal(allocator.FULL, "")
-        lock = self._lock()
-        lock.release()  # let other spawns and stops go on while we wait
         try:
             while time.monotonic() < deadline:
                 place = self._waiters.position(key, who)
@@ -923,21 +614,11 @@ class GPUSpawner(DockerSpawner):
                 if self._waiters.position(key, who) != 1:
                     continue
                 snap = await self.snapshot()
-                choice = snap.choose(request, self._groups())
-                if isinstance(choice, Choice):
-                    break
+                if isinstance(spawnplan.plan(snap, request, self._port_free, limits),
+                              spawnplan.Plan):
+                    return
         finally:
-            await lock.acquire()
             self._waiters.leave(who)
-        if isinstance(choice, Choice):
-            # Re-decide under the lock on a fresh read: the world moved while we waited.
-            fresh = await self.snapshot()
-            return fresh.choose(request, self._groups())
-        last = snap.choose(request, self._groups())
-        why = last.message if isinstance(last, Refusal) else "try again"
-        return Refusal(
-            allocator.FULL, f"no device came free within {self.gpu_wait_timeout:.0f} s: {why}"
-        )
 
     async def stop(self, now: bool = False):
         await super().stop(now=now)

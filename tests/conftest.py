@@ -17,10 +17,15 @@ import pytest
 #   gpusim_local      function  Simulator on a tmp state file, no engine (unit tests)
 #   base_image        session   "gpuspawner-test/base:bookworm"
 #   singleuser_image  session   "gpuspawner-test/singleuser:<key>"
+# The same on a second engine whose default runtime is nvidia (a DGX-style host), beside
+# the first one (its own socket, data root and bridge under the same root), started only
+# by the tests that ask for it:
+#   nvidia_default_engine, nvidia_default_gpusim, nvidia_default_base_image,
+#   nvidia_default_singleuser_image
 # gpusim and gpusim_local also set GPUSIM_STATE and put the fake nvidia-smi first on PATH
 # for the test's duration, so the product reads the simulated host.
 # ===================================================================================
-from .engine import EngineError, PrivateEngine
+from .engine import EngineError, EnginePaths, PrivateEngine
 from .gpusim import BIN_DIR, Simulator
 from .images import ensure_base_image, ensure_singleuser_image
 
@@ -32,13 +37,12 @@ def _point_at(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:
     monkeypatch.setenv("PATH", f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-@pytest.fixture(scope="session")
-def engine() -> Iterator[PrivateEngine]:
-    """The private dockerd. Where it cannot run the Docker tests fail, never skip: a green run
-    without them would prove nothing (scripts/test.sh installs dockerd and runs as root)."""
+def _running(private: PrivateEngine) -> Iterator[PrivateEngine]:
+    """Start a private dockerd for the session. Where it cannot run the Docker tests fail,
+    never skip: a green run without them would prove nothing (scripts/test.sh installs dockerd
+    and runs as root)."""
     if os.geteuid() != 0:
         pytest.fail("the private Docker engine needs root: run bash scripts/test.sh as root")
-    private = PrivateEngine()
     if not Path(private.dockerd).exists():
         pytest.fail("dockerd is not installed: bash scripts/setup.sh installs it")
     try:
@@ -52,8 +56,7 @@ def engine() -> Iterator[PrivateEngine]:
         private.stop()
 
 
-@pytest.fixture
-def gpusim(engine: PrivateEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
+def _simulating(engine: PrivateEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
     sim = Simulator(engine.state_path, engine.hook_log)
     sim.install("a100x4")
     sim.clear_hook_log()
@@ -62,6 +65,16 @@ def gpusim(engine: PrivateEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[S
         yield sim
     finally:
         engine.remove_containers()
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[PrivateEngine]:
+    yield from _running(PrivateEngine())
+
+
+@pytest.fixture
+def gpusim(engine: PrivateEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
+    yield from _simulating(engine, monkeypatch)
 
 
 @pytest.fixture
@@ -80,6 +93,36 @@ def base_image(engine: PrivateEngine) -> str:
 @pytest.fixture(scope="session")
 def singleuser_image(engine: PrivateEngine, base_image: str) -> str:
     return ensure_singleuser_image(engine.client)
+
+
+@pytest.fixture(scope="session")
+def nvidia_default_engine() -> Iterator[PrivateEngine]:
+    """A DGX-style engine: ``"default-runtime": "nvidia"``, so the (fake) NVIDIA runtime
+    hands GPUs to any container whose environment names them, DeviceRequest or not."""
+    paths = EnginePaths.from_env().beside("nvidia-default")
+    yield from _running(PrivateEngine(paths, default_runtime="nvidia"))
+
+
+@pytest.fixture
+def nvidia_default_gpusim(
+    nvidia_default_engine: PrivateEngine, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Simulator]:
+    yield from _simulating(nvidia_default_engine, monkeypatch)
+
+
+# The images are made in the second engine from the same offline cache as in the first (a
+# rootfs import, an offline pip install): that needs no first engine running, and the second
+# engine's data root keeps them, so only its very first session pays for the build.
+@pytest.fixture(scope="session")
+def nvidia_default_base_image(nvidia_default_engine: PrivateEngine) -> str:
+    return ensure_base_image(nvidia_default_engine.client)
+
+
+@pytest.fixture(scope="session")
+def nvidia_default_singleuser_image(
+    nvidia_default_engine: PrivateEngine, nvidia_default_base_image: str
+) -> str:
+    return ensure_singleuser_image(nvidia_default_engine.client)
 
 
 # ============================================================ end of simulator / engine block

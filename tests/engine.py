@@ -5,7 +5,9 @@ container" to check the ledger. On a shared machine that must never touch anyone
 containers, so the tests run their own ``dockerd`` with its own socket, data root, exec root,
 pid file and bridge. Its PATH starts with the simulator's ``bin/``, so Docker registers its
 NVIDIA device driver (it looks for ``nvidia-container-runtime-hook`` at daemon start) and runs
-the fake hook at every GPU container start, against ``$GPUSIM_STATE``.
+the fake hook at every GPU container start, against ``$GPUSIM_STATE``. On request it also
+registers the simulator's ``nvidia-container-runtime``, and can make it the default runtime,
+as DGX-style hosts do; such an engine usually runs beside the main one (``EnginePaths.beside``).
 
 The data root is kept between runs so built test images are reused; everything else is made
 fresh. One test session at a time owns the engine (a lock file): a second session waits
@@ -63,13 +65,29 @@ class EnginePaths:
         root = environ.get("GPUSPAWNER_TEST_ROOT")
         if not root:
             return cls(DEFAULT_RUN_DIR, DEFAULT_LIB_DIR / "docker")
-        digest = int(hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest(), 16)
+        return cls.under(Path(root))
+
+    @classmethod
+    def under(cls, root: Path, beside: EnginePaths | None = None) -> EnginePaths:
+        """Every path under ``root``, with a bridge and subnet derived from it; never the same
+        bridge or subnet as ``beside``, the engine this one runs next to."""
+        digest = int(hashlib.sha256(str(root.resolve()).encode()).hexdigest(), 16)
+        bridge, subnet = digest % 997, digest % 50
+        if beside is not None and beside.bridge == f"gpsim{bridge + 1}":
+            bridge = (bridge + 1) % 997
+        if beside is not None and beside.gateway_cidr == f"172.31.{200 + subnet}.1/24":
+            subnet = (subnet + 1) % 50
         return cls(
-            Path(root) / "run",
-            Path(root) / "lib" / "docker",
-            bridge=f"gpsim{digest % 997 + 1}",
-            gateway_cidr=f"172.31.{200 + digest % 50}.1/24",
+            root / "run",
+            root / "lib" / "docker",
+            bridge=f"gpsim{bridge + 1}",
+            gateway_cidr=f"172.31.{200 + subnet}.1/24",
         )
+
+    def beside(self, name: str) -> EnginePaths:
+        """Paths for a second engine next to this one (``name`` under the same root), e.g. one
+        with another default runtime: its own socket, data root, bridge and subnet."""
+        return EnginePaths.under(self.data_root.parent / name, beside=self)
 
     @property
     def socket(self) -> Path:
@@ -174,8 +192,16 @@ class PrivateEngine:
         self,
         paths: EnginePaths | None = None,
         dockerd: str | None = None,
+        *,
+        nvidia_runtime: bool = False,
+        default_runtime: str | None = None,
     ) -> None:
+        """``nvidia_runtime`` registers the simulator's ``nvidia-container-runtime`` as the
+        ``nvidia`` runtime; ``default_runtime`` makes a runtime Docker's default (``nvidia``
+        registers it too), as DGX-style hosts do. Neither: Docker's own default, runc."""
         self.paths = paths or EnginePaths.from_env()
+        self.nvidia_runtime = nvidia_runtime or default_runtime == "nvidia"
+        self.default_runtime = default_runtime
         self.bridge = self.paths.bridge
         self.gateway_cidr = self.paths.gateway_cidr
         self.dockerd = dockerd or shutil.which("dockerd") or "/usr/sbin/dockerd"
@@ -262,6 +288,13 @@ class PrivateEngine:
                 removed += 1
             except docker.errors.NotFound:
                 pass
+        # Images gpuspawner saved users' containers to: a later test must not start from them.
+        for image in api.images(name="gpuspawner-saved/*"):
+            for tag in image.get("RepoTags") or []:
+                try:
+                    api.remove_image(tag, force=True)
+                except docker.errors.NotFound:
+                    pass
         return removed
 
     def log_tail(self, lines: int = 40) -> str:
@@ -363,6 +396,10 @@ class PrivateEngine:
             "--ip-forward=false",
             "--shutdown-timeout", "2",
         ]
+        if self.nvidia_runtime:
+            argv += ["--add-runtime", f"nvidia={BIN_DIR / 'nvidia-container-runtime'}"]
+        if self.default_runtime:
+            argv += ["--default-runtime", self.default_runtime]
         with open(self.paths.log, "wb") as log:
             self._proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

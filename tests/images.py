@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +34,7 @@ DEFAULT_CACHE = Path("/var/cache/gpuspawner-tests")
 BASE_REPOSITORY, BASE_TAG = "gpuspawner-test/base", "bookworm"
 BASE_IMAGE = f"{BASE_REPOSITORY}:{BASE_TAG}"
 SINGLEUSER_REPOSITORY = "gpuspawner-test/singleuser"
+ENV_REPOSITORY = "gpuspawner-test/env"
 KEY_LABEL = "gpuspawner-test.key"
 
 DEBOOTSTRAP_ARGS = (
@@ -200,17 +201,31 @@ CMD ["jupyterhub-singleuser"]
 """
 
 
-def _context(text: str, wheel_dir: Path) -> io.BytesIO:
+def _context(text: str, wheel_dir: Path | None = None) -> io.BytesIO:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         data = text.encode()
         info = tarfile.TarInfo("Dockerfile")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-        for wheel in sorted(wheel_dir.glob("*.whl")):
+        for wheel in sorted(wheel_dir.glob("*.whl")) if wheel_dir else ():
             tar.add(wheel, arcname=f"wheels/{wheel.name}")
     buffer.seek(0)
     return buffer
+
+
+def _build(client: docker.DockerClient, text: str, name: str, key: str,
+           wheel_dir: Path | None = None) -> None:
+    """Build ``text`` as ``name``, labelled ``key``, without network (the engine has none)."""
+    try:
+        client.images.build(
+            fileobj=_context(text, wheel_dir), custom_context=True, tag=name, rm=True,
+            forcerm=True, pull=False, labels={KEY_LABEL: key}, network_mode="none",
+        )
+    except docker.errors.BuildError as exc:
+        log = "".join(str(chunk.get("stream") or chunk.get("error") or "")
+                      for chunk in exc.build_log)
+        raise ImageError(f"building {name} failed: {exc}\n{log[-4000:]}") from exc
 
 
 def ensure_singleuser_image(client: docker.DockerClient, cache: Path | None = None) -> str:
@@ -224,14 +239,22 @@ def ensure_singleuser_image(client: docker.DockerClient, cache: Path | None = No
     name = f"{SINGLEUSER_REPOSITORY}:{key}"
     if _image_key(client, name) == key:
         return name
-    wheel_dir = wheels(cache)
-    try:
-        client.images.build(
-            fileobj=_context(text, wheel_dir), custom_context=True, tag=name, rm=True,
-            forcerm=True, pull=False, labels={KEY_LABEL: key}, network_mode="none",
-        )
-    except docker.errors.BuildError as exc:
-        log = "".join(str(chunk.get("stream") or chunk.get("error") or "")
-                      for chunk in exc.build_log)
-        raise ImageError(f"building {name} failed: {exc}\n{log[-4000:]}") from exc
+    _build(client, text, name, key, wheels(cache))
+    return name
+
+
+# ----------------------------------------------------------------------- derived images
+
+
+def ensure_env_image(client: docker.DockerClient, base: str, env: Mapping[str, str]) -> str:
+    """``base`` with ``ENV`` lines added, as images from elsewhere (a CUDA base sets
+    ``NVIDIA_VISIBLE_DEVICES=all``) come: ``gpuspawner-test/env:<key>``. Keyed by the base
+    image's id, so a rebuilt base gets a fresh one; ENV only, so the build takes a second."""
+    base_id = client.images.get(base).id
+    lines = "".join(f"ENV {name}={json.dumps(value)}\n" for name, value in sorted(env.items()))
+    text = f"FROM {base}\n{lines}"
+    key = _key("env", base_id, text)
+    name = f"{ENV_REPOSITORY}:{key}"
+    if _image_key(client, name) != key:
+        _build(client, text, name, key)
     return name

@@ -8,9 +8,9 @@ pulling in the service's web stack::
     c.JupyterHub.load_roles.append(admin.role())
 
 ``service(c)`` reads the spawner's own settings (policy file, inventory source, operation log,
-port range, hub id) from the same config object, so the page sees the world exactly as the
-spawner does; nothing is configured twice. Non-admin viewers (teaching assistants) are
-optional and need one custom scope, see ``custom_scopes`` and ``viewer_role``.
+port range, hub id, start time-out) from the same config object, so the page sees the world
+exactly as the spawner does; nothing is configured twice. Non-admin viewers (teaching
+assistants) are optional and need one custom scope, see ``custom_scopes`` and ``viewer_role``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "DEFAULT_HUB_ID",
     "DEFAULT_NAME",
     "DEFAULT_PORT",
     "SERVICE_SCOPES",
@@ -33,6 +34,9 @@ __all__ = [
 
 DEFAULT_NAME = "gpu-allocations"
 DEFAULT_PORT = 10101
+#: The spawner's default ``hub_id``: the service always has a hub id, so that "ours" (the
+#: containers it may remove) is never "anything".
+DEFAULT_HUB_ID = "jupyterhub"
 
 #: The custom scope that lets a non-admin see the page and the JSON API, never act.
 VIEW_SCOPE = "custom:gpuspawner:view"
@@ -59,6 +63,8 @@ _FROM_SPAWNER: tuple[tuple[str, str], ...] = (
     ("events_file", "GPUSPAWNER_EVENTS"),
     ("port_range", "GPUSPAWNER_PORTS"),
     ("hub_id", "GPUSPAWNER_HUB_ID"),
+    # JupyterHub's Spawner.start_timeout: how long a created container is a spawn in flight.
+    ("start_timeout", "GPUSPAWNER_START_TIMEOUT"),
 )
 #: Variables passed through from the hub's own environment when set there.
 _PASS_THROUGH: tuple[str, ...] = (
@@ -119,7 +125,7 @@ def service(
     if isinstance(client_kwargs, Mapping) and client_kwargs.get("base_url"):
         env["DOCKER_HOST"] = str(client_kwargs["base_url"])  # the engine DockerSpawner uses
     if config is not None and "GPUSPAWNER_HUB_ID" not in env:
-        env["GPUSPAWNER_HUB_ID"] = "jupyterhub"  # the spawner's default hub_id
+        env["GPUSPAWNER_HUB_ID"] = DEFAULT_HUB_ID  # the spawner's default hub_id
     if metrics_public:
         env["GPUSPAWNER_ADMIN_METRICS_PUBLIC"] = "1"
     env.update(environment or {})

@@ -11,7 +11,8 @@ Who may do what (checked on every request, cookie or token alike):
 Actions are POST only, with the Hub's XSRF protection for cookie sessions (a request with an
 ``Authorization`` header is a script: browsers never add that header cross-site, and a bad
 token never falls back to the cookie). Every action is written to the operation log with
-the admin's name.
+the admin's name, and so is every device conflict (two running holders) the first time a
+snapshot of the service shows it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ from ..ledger import LedgerError
 from ..policy import PolicyError
 from ..records import JSONRecord
 from ..snapshot import Snapshot
+from ..world import ReleaseRefused
 from . import VIEW_SCOPE, metrics, views
 from .hubapi import HubAPI, HubUser
 from .render import PAGES, STATIC, Page, Renderer
@@ -99,7 +102,60 @@ class Admin:
         self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="gpuadmin")
         self.renderer = Renderer()
         self.event_log = events.EventLog(settings.events)
-        self.registry = metrics.registry(world.snapshot, settings.events)
+        self.registry = metrics.registry(self.take, settings.events)
+        #: What was logged and still present at the last look, per kind of problem:
+        #: conflicts (device UUID, container ids), disagreements (container id).
+        self._seen: dict[str, set[Any]] = {}
+        self._seen_lock = threading.Lock()
+
+    def take(self, fresh: bool = False) -> Snapshot:
+        """``World.snapshot`` for pages, scrapes and checks alike (blocking), noting conflicts."""
+        snap = self.world.snapshot(fresh)
+        self.note_conflicts(snap)
+        self.note_disagreements(snap)
+        return snap
+
+    def _first_seen(self, kind: str, current: set[Any]) -> set[Any]:
+        """Of the problems of ``kind`` present now, those not present at the last look.
+
+        Pages refresh every few seconds; the log gets one line when a problem appears, not
+        one per refresh. A problem that is settled and comes back is logged again.
+        """
+        with self._seen_lock:
+            new = current - self._seen.get(kind, set())
+            self._seen[kind] = current
+        return new
+
+    def note_conflicts(self, snap: Snapshot) -> None:
+        """Write ``gpu.conflict`` once for each conflict this service has not seen yet."""
+        found = snap.conflicts()
+        new = self._first_seen("conflict", {(uuid, tuple(a.container_id for a in holders))
+                                            for uuid, holders in found.items()})
+        if not new:
+            return
+        devices = snap.inventory.by_uuid()
+        for uuid, ids in sorted(new):
+            holders = found[uuid]
+            device = devices.get(uuid)
+            slot = device.slot if device is not None else None
+            names = [a.container_name for a in holders]
+            self.event_log.write(
+                events.GPU_CONFLICT, uuid=uuid, slot=slot, containers=names,
+                container_ids=list(ids), users=[a.user for a in holders],
+                hubs=[a.hub for a in holders], via="admin-page",
+            )
+            log.warning("device %s (%s) is held by %d running containers: %s", slot, uuid,
+                        len(names), ", ".join(names))
+
+    def note_disagreements(self, snap: Snapshot) -> None:
+        """Write ``gpu.disagree`` once for each container whose labels and device requests
+        name different devices."""
+        found = {a.container_id: a for a in snap.disagreements()}
+        for cid in sorted(self._first_seen("disagree", set(found))):
+            a = found[cid]
+            self.event_log.write(events.GPU_DISAGREE, container=a.container_name, user=a.user,
+                                 hub=a.hub, devices=list(a.uuids), reason=a.disagreement,
+                                 via="admin-page")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Blocking work (Docker, NVML, files) off the event loop."""
@@ -108,7 +164,7 @@ class Admin:
 
     async def snapshot(self, fresh: bool = False) -> Snapshot:
         try:
-            return await self.run(self.world.snapshot, fresh)
+            return await self.run(self.take, fresh)
         except (LedgerError, PolicyError, InventoryError) as exc:
             raise web.HTTPError(503, reason="cannot read the world", log_message=str(exc)) from exc
 
@@ -143,8 +199,7 @@ class Admin:
             client = self.world.client
         except LedgerError as exc:
             return [health.Check("docker", health.FAIL, str(exc)), *self.service_checks()]
-        checks = health.run_all(client, lambda: self.world.snapshot(fresh=True),
-                                self.settings.ports)
+        checks = health.run_all(client, lambda: self.take(fresh=True), self.settings.ports)
         return checks + self.service_checks()
 
 
@@ -389,35 +444,29 @@ class ActionHandler(ApiHandler):
 
 
 class ReleaseAction(ActionHandler):
-    """Release a hold now: remove the stopped container, keep its volumes."""
+    """Release a hold now: remove a stopped container of this hub, keep its volumes.
+
+    ``World.release`` decides on a fresh read of Docker (not the page's snapshot, which may
+    be seconds old): only this hub's containers, only exited or dead ones.
+    """
 
     async def post(self) -> None:
         cid = self.field("container").strip()
         if not cid:
             raise web.HTTPError(400, log_message="say which container: container=<id>")
-        snap = await self.admin.snapshot(fresh=True)
-        found = [a for a in snap.allocations if a.container_id == cid]
-        if not found:
-            raise web.HTTPError(404, log_message=f"no container {cid[:12]} holds or held a "
-                                "device; it may have been removed already")
-        allocation = found[0]
-        who = f"{allocation.user}/{allocation.server or '(default)'}"
-        if not allocation.managed:
-            raise web.HTTPError(409, log_message=f"{allocation.container_name} was not made by "
-                                "gpuspawner; the page removes only its own containers")
-        if not views.can_release(allocation, self.conf.hub_id):
-            if allocation.docker_status in ("running", "paused", "restarting"):
-                why = f"the server {who} is running; stop it first"
-            else:
-                why = f"{allocation.container_name} belongs to hub {allocation.hub}"
-            raise web.HTTPError(409, log_message=why)
         try:
-            await self.admin.run(self.admin.world.release, cid)
+            allocation = await self.admin.run(self.admin.world.release, cid)
+        except ReleaseRefused as exc:
+            raise web.HTTPError(404 if exc.gone else 409, log_message=str(exc)) from None
         except docker.errors.NotFound:
-            raise web.HTTPError(404, log_message=f"{allocation.container_name} is already "
+            raise web.HTTPError(404, log_message=f"container {cid[:12]} is already "
                                 "gone") from None
+        except (PolicyError, InventoryError) as exc:
+            raise web.HTTPError(503, reason="cannot read the world",
+                                log_message=str(exc)) from exc
         except (LedgerError, docker.errors.APIError) as exc:
             raise web.HTTPError(409, log_message=str(exc)) from exc
+        who = f"{allocation.user}/{allocation.server or '(default)'}"
         self.admin.event_log.write(
             events.GPU_RELEASE, user=allocation.user, server=allocation.server,
             container=allocation.container_name, uuids=list(allocation.uuids),

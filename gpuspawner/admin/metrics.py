@@ -157,6 +157,10 @@ class SnapshotCollector:
                                     "Labelled device UUIDs the inventory no longer has")
         missing.add_metric([], len(snap.missing_uuids()))
         yield missing
+        conflicts = GaugeMetricFamily("gpuspawner_device_conflicts",
+                                      "Devices held by two or more running containers")
+        conflicts.add_metric([], len(snap.conflicts()))
+        yield conflicts
 
     def _refusals(self) -> Iterator[Metric]:
         refused = CounterMetricFamily("gpuspawner_allocation_refusals",

@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 from ..inventory import SOURCES
 from ..policy import parse_duration
 from ..records import JSONRecord
-from . import DEFAULT_NAME, DEFAULT_PORT
+from ..world import DEFAULT_START_TIMEOUT
+from . import DEFAULT_HUB_ID, DEFAULT_NAME, DEFAULT_PORT
 
 
 class SettingsError(ValueError):
@@ -39,7 +40,11 @@ class Settings(JSONRecord):
     topology: str | None = None
     events: str | None = None
     ports: tuple[int, int] = (40000, 40999)
-    hub_id: str | None = None
+    #: Whose containers the page may remove (``Allocation.is_ours``); never unset.
+    hub_id: str = DEFAULT_HUB_ID
+    #: The hub's ``Spawner.start_timeout``: a created container younger than this is a spawn
+    #: in flight and holds its devices, exactly as the spawner counts it.
+    start_timeout: float = DEFAULT_START_TIMEOUT
     #: A holder whose last activity is older than this is listed as idle.
     idle_after: float = 3600.0
     #: Seconds between the page's refreshes.
@@ -77,7 +82,9 @@ class Settings(JSONRecord):
             topology=env.get("GPUSPAWNER_TOPOLOGY") or None,
             events=env.get("GPUSPAWNER_EVENTS") or None,
             ports=_port_range(env.get("GPUSPAWNER_PORTS") or "40000-40999"),
-            hub_id=env.get("GPUSPAWNER_HUB_ID") or None,
+            hub_id=env.get("GPUSPAWNER_HUB_ID") or DEFAULT_HUB_ID,
+            start_timeout=_duration(env, "GPUSPAWNER_START_TIMEOUT",
+                                    str(DEFAULT_START_TIMEOUT)),
             idle_after=_duration(env, "GPUSPAWNER_ADMIN_IDLE", "1h"),
             refresh=max(1.0, _duration(env, "GPUSPAWNER_ADMIN_REFRESH", "5s")),
             metrics_public=(env.get("GPUSPAWNER_ADMIN_METRICS_PUBLIC") or "").lower()

@@ -7,8 +7,9 @@ rendering can be tested and timed on a hand-made Snapshot of any size.
 Display states of a device block, in the order of the legend:
 ``free``, ``running``, ``starting`` (a spawn in flight), ``held`` (stopped, inside its hold),
 ``expired`` (stopped, hold over: labels still name the device, which is free for others),
-``unmanaged`` (held by a container without gpuspawner's labels) and ``missing`` (a label
-names a UUID the inventory no longer has: MIG re-created, GPU removed).
+``unmanaged`` (held by a container without gpuspawner's labels), ``conflict`` (two or more
+running containers hold it, ``Snapshot.conflicts``: red, it wins over every other state) and
+``missing`` (a label names a UUID the inventory no longer has: MIG re-created, GPU removed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from ..records import (
     JSONRecord,
     MigDevice,
 )
-from ..snapshot import DeviceView, Snapshot
+from ..snapshot import CONFLICT, DeviceView, Snapshot
+from ..world import release_refusal
 from .hubapi import HubUser
 
 FREE, STARTING, UNMANAGED, MISSING = "free", "starting", "unmanaged", "missing"
@@ -44,9 +46,11 @@ STATES: tuple[tuple[str, str], ...] = (
     (HELD, "held after stop"),
     (EXPIRED, "hold expired"),
     (UNMANAGED, "unmanaged holder"),
+    (CONFLICT, "two running holders"),
     (MISSING, "UUID gone"),
 )
-_FROM_DEVICE_STATE = {RUNNING: RUNNING, HELD: HELD, CREATED: STARTING, UNMANAGED: UNMANAGED}
+_FROM_DEVICE_STATE = {RUNNING: RUNNING, HELD: HELD, CREATED: STARTING, UNMANAGED: UNMANAGED,
+                      CONFLICT: CONFLICT}
 _DOCKER_RUNNING = frozenset({"running", "paused", "restarting"})
 
 
@@ -136,21 +140,18 @@ class Overview(JSONRecord):
 
 
 def can_release(allocation: Allocation, hub_id: str | None = None) -> bool:
-    """Only gpuspawner's own stopped containers (of this hub) may be removed from the page."""
-    return (
-        allocation.managed
-        and allocation.docker_status not in _DOCKER_RUNNING
-        and (not hub_id or not allocation.hub or allocation.hub == hub_id)
-    )
+    """Only this hub's containers, stopped for good (``world.release_refusal``, which
+    ``World.release`` checks again on a fresh read), get the button."""
+    return release_refusal(allocation, hub_id) is None
 
 
 def can_stop(allocation: Allocation, hub_id: str | None = None) -> bool:
-    """A running server of this hub can be stopped through the Hub API."""
+    """A running server of this hub (``Allocation.is_ours``) can be stopped through the Hub
+    API; another hub's server is that hub's to stop."""
     return (
-        allocation.managed
+        allocation.is_ours(hub_id)
         and bool(allocation.user)
         and allocation.docker_status in _DOCKER_RUNNING
-        and (not hub_id or not allocation.hub or allocation.hub == hub_id)
     )
 
 
@@ -314,7 +315,10 @@ def overview(snap: Snapshot, hub_id: str | None = None) -> Overview:
         cards=tuple(cards),
         totals=totals,
         counts=tuple((s, words, counts.get(s, 0)) for s, words in STATES),
-        problems=tuple(inv.problems),
+        problems=tuple(inv.problems) + tuple(
+            f"container {a.container_name} ({a.user or 'no user'}): {a.disagreement}"
+            for a in snap.disagreements()
+        ),
         source=inv.source,
     )
 

@@ -1,5 +1,6 @@
 """The admin service's window on the world: the shared ``gpuspawner.world.World``, set up
-from the service's settings, with a one-second snapshot cache for pages and scrapes."""
+from the service's settings (the hub's id and start time-out included), with a one-second
+snapshot cache for pages and scrapes."""
 
 from __future__ import annotations
 
@@ -18,5 +19,7 @@ class World(world.World):
             topology=settings.topology,
             client=client,
             max_age=max_age,
+            start_timeout=settings.start_timeout,
+            hub_id=settings.hub_id,
         )
         self.settings = settings

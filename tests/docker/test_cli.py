@@ -81,7 +81,8 @@ def gpuspawner(engine: Any, gpusim: Any, capsys: pytest.CaptureFixture[str]) -> 
             int, str, str]:
         capsys.readouterr()
         argv = ["--docker-host", docker_host or engine.base_url, "--inventory", "file",
-                "--topology", str(gpusim.state_path), "--ports", "40000-40099"]
+                "--topology", str(gpusim.state_path), "--ports", "40000-40099",
+                "--hub-id", "test"]  # spawn_like's hub: its users' usage counts
         if policy:
             argv += ["--policy", policy]
         code = cli.main([*argv, *args])
@@ -262,7 +263,7 @@ def test_doctor_on_a_healthy_host(gpuspawner: Run, engine: Any, gpusim: Any, bas
     checks = {c["name"]: c for c in json.loads(out)}
     assert code == 0
     assert list(checks) == ["docker", "nvidia-runtime", "nvml", "mig-pending", "missing-uuids",
-                            "unmanaged", "ports"]
+                            "unmanaged", "conflicts", "ports"]
     assert {c["status"] for c in checks.values()} == {"ok"}
     # The label's promised ssh port is reserved in the range while ann holds her slot.
     assert checks["ports"]["message"] == "99 of 100 ports free in 40000-40099"

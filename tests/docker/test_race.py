@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpuspawner import inventory, labels
+from gpuspawner import inventory, labels, spawnplan
+from gpuspawner.allocator import Choice
 from gpuspawner.spawner import GPUSpawner
 
 from .test_ledger import make
@@ -31,11 +32,13 @@ def claim(engine, image, user, mig) -> str:
                 start=False)
 
 
-def spawner_for(gpusim, user: str, container_id: str, uuid: str) -> GPUSpawner:
+def spawner_for(gpusim, user: str, container_id: str, mig) -> GPUSpawner:
+    """A spawner that has just created ``container_id`` for ``mig`` (its plan says so), about
+    to apply the race rule before its start."""
     spawner = GPUSpawner(user=SimpleNamespace(name=user, groups=[]), inventory_source="file",
-                         topology_file=str(gpusim.state_path))
+                         topology_file=str(gpusim.state_path), hub_id=f"hub-{user}")
     spawner.object_id = container_id
-    spawner._plan = {"uuids": (uuid,)}
+    spawner._plan = spawnplan.Plan(spawnplan.CREATE, Choice((mig,)), device_ids=(mig.uuid,))
     return spawner
 
 
@@ -51,8 +54,8 @@ async def test_exactly_one_of_two_creators_keeps_the_device(
     users = {"first": "ann", "second": "bo"}
     lost = {}
     for who in check_order:
-        lost[who] = await spawner_for(gpusim, users[who], ids[who], mig.uuid)._lost_race()
-    assert lost == {"first": [], "second": [mig.uuid]}
+        lost[who] = await spawner_for(gpusim, users[who], ids[who], mig)._race(running=False)
+    assert lost == {"first": (), "second": (mig.uuid,)}
 
 
 async def test_a_running_holder_always_wins(engine, gpusim, base_image, monkeypatch):
@@ -61,4 +64,4 @@ async def test_a_running_holder_always_wins(engine, gpusim, base_image, monkeypa
     ours = claim(engine, base_image, "ann", mig)
     # Someone runs a container on the same slice by hand, after our create.
     make(engine, base_image, "by-hand", device_ids=[mig.uuid])
-    assert await spawner_for(gpusim, "ann", ours, mig.uuid)._lost_race() == [mig.uuid]
+    assert await spawner_for(gpusim, "ann", ours, mig)._race(running=False) == (mig.uuid,)

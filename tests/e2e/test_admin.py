@@ -225,6 +225,9 @@ def test_release_a_hold_removes_the_container_keeps_the_volume_and_is_logged(
     hub.spawn("bo", "mig-1g")
     held = hub.container("ann")
     slot = uuid_of(hub, "ann")
+    api = engine.client.api
+    api.exec_start(api.exec_create(held.id, ["sh", "-c", "echo mine > /opt/outside.txt"],
+                                   user="root"))
     hub.stop_server("ann")
     admin = login(hub, "admin")
     page = open_page(hub, admin)
@@ -254,6 +257,11 @@ def test_release_a_hold_removes_the_container_keeps_the_volume_and_is_logged(
     release = [e for e in hub.events() if e["event"] == "gpu.release"]
     assert release and release[-1]["by"] == "admin" and release[-1]["user"] == "ann"
     assert release[-1]["uuids"] == [slot] and release[-1]["container"] == held.name
+    # Nothing ann made is lost: her next start is made from the saved container.
+    hub.spawn("ann", "cpu")
+    again = hub.container("ann")
+    out = api.exec_start(api.exec_create(again.id, ["cat", "/opt/outside.txt"]))
+    assert out.strip() == b"mine"
 
     # Stop a server through the Hub with a token (no XSRF needed), logged with who did it.
     stopped = with_token(hub, tokens.ops, "api/stop", "POST", json={"user": "bo"})

@@ -65,7 +65,7 @@ def uuid_of(container: Any) -> str:
     return container.labels["ds01.gpu.uuids"]
 
 
-def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path: Path):
+def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path: Path, gpusim):
     hub = make_hub(
         config_extra=policy(tmp_path, "defaults: {allow_full_gpu: true}\n")
         + 'c.GPUSpawner.ports = {"ssh": 22}\n'
@@ -84,6 +84,9 @@ def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path
         request = c.attrs["HostConfig"]["DeviceRequests"][0]
         assert request["DeviceIDs"] == [uuid_of(c)]
         assert request["Driver"] == "nvidia" and request["Capabilities"] == [["gpu"]]
+        # What the (simulated) NVIDIA hook really gave the container at its start.
+        given = [call["devices"] for call in gpusim.hook_calls() if call["id"] == c.id]
+        assert given[-1:] == [[uuid_of(c)]], given
         assert c.labels["ds01.profile"] == wanted[user]
     assert containers["dan"].labels["ds01.gpu.uuid"].startswith("GPU-")
     assert containers["dan"].labels["ds01.gpu.equivalents"] == "1.0000"
@@ -94,8 +97,10 @@ def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path
     assert len(set(ports)) == len(ports) and all(41000 <= p <= 41099 for p in ports)
     for user in wanted:
         c = containers[user]
-        binding = c.attrs["HostConfig"]["PortBindings"]["22/tcp"][0]
-        assert binding["HostPort"] == c.labels["ds01.port.ssh"]
+        c.reload()
+        # Published, as Docker shows it (not only asked for), on 127.0.0.1 only.
+        binding = c.attrs["NetworkSettings"]["Ports"]["22/tcp"][0]
+        assert binding == {"HostIp": "127.0.0.1", "HostPort": c.labels["ds01.port.ssh"]}
         assert f"GPUSPAWNER_PORT_SSH={c.labels['ds01.port.ssh']}" in c.attrs["Config"]["Env"]
         assert hub.get(f"/user/{user}/api/status").status_code == 200
     # JupyterHub's admin panel shows the chosen profile, also for a default spawn.

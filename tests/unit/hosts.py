@@ -6,11 +6,19 @@ import itertools
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from gpuspawner import allocator
 from gpuspawner.allocator import Choice
 from gpuspawner.policy import Limits
 from gpuspawner.records import GPU, HELD, RUNNING, Allocation, Inventory, MigDevice
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
+#: The hub the pure-core tests decide for: ``holding`` makes its containers.
+HUB = "lab"
+
+
+def Request(*args, hub: str | None = HUB, **kwargs) -> allocator.Request:  # noqa: N802
+    """``allocator.Request`` asked by this hub (HUB), unless the test says otherwise."""
+    return allocator.Request(*args, hub=hub, **kwargs)
 _ids = itertools.count()
 
 PROFILE_MEMORY = {
@@ -74,6 +82,9 @@ def holding(
         user=user,
         server=server,
         profile="p",
+        hub=HUB,
+        interface="jupyterhub",
+        schema="1",
         uuids=choice.uuids,
         slots=choice.slots,
         parent_uuids=choice.parent_uuids,

@@ -54,7 +54,8 @@ def big_snapshot(containers: int = 500) -> Snapshot:
         base: dict[str, Any] = dict(
             container_id=f"{n:064x}", container_name=f"jupyter-c{n}", managed=True,
             state=RUNNING, docker_status="running", user=f"student{n % 300:03d}",
-            server="", profile="mig-1g", hub="lab", created_at=NOW - timedelta(hours=3),
+            server="", profile="mig-1g", hub="lab", interface="jupyterhub", schema="1",
+            created_at=NOW - timedelta(hours=3),
             allocated_at=NOW - timedelta(hours=3), ports=(("ssh", 40000 + n),),
         )
         base.update(fields)
@@ -91,7 +92,7 @@ def big_snapshot(containers: int = 500) -> Snapshot:
         gpu_profile=whole.name, equivalents=1.0, profile="gpu-1", user="bigjob")
     while len(allocations) < containers:
         add(profile="cpu", ports=(), server=f"s{len(allocations)}")
-    return Snapshot(inventory, tuple(allocations), policy, frozenset(), NOW)
+    return Snapshot(inventory, tuple(allocations), policy, frozenset(), NOW, hub_id="lab")
 
 
 class Slices(HTMLParser):
@@ -250,7 +251,10 @@ def test_rows_carry_the_cli_records_and_the_page_additions(snap):
     running = next(r for r in rows if r["user"] == "student000")
     assert running["can_stop"] and not running["can_release"]
     other_hub = replace(snap.allocations[1], hub="elsewhere")
-    assert not views.can_release(other_hub, "lab") and views.can_release(other_hub, None)
+    assert views.can_release(snap.allocations[1], "lab")
+    # Another hub's container is never ours, and without a hub id nothing is.
+    assert not views.can_release(other_hub, "lab") and not views.can_release(other_hub, None)
+    assert not views.can_release(snap.allocations[1], None)
 
 
 def test_users_table_flags_idle_holders_and_limits():

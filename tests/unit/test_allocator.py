@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from gpuspawner import allocator
-from gpuspawner.allocator import Choice, Refusal, Request, choose, free_by_profile
+from gpuspawner.allocator import Choice, Refusal, choose, free_by_profile
 from gpuspawner.records import EXPIRED, FAILED, HELD
 
-from .hosts import holding, host, limits, stopped, unmanaged
+from .hosts import Request, holding, host, limits, stopped, unmanaged
 
 A100 = host(["1g.10gb"] * 7, ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"], None, None)
 
@@ -77,9 +77,20 @@ def test_own_stopped_container_of_the_same_server_does_not_block_its_restart():
         A100,
         [mine],
         limits(max_gpu_equivalents=0.15),
-        Request("a", mig_profile="1g.10gb", prefer_uuids=first.uuids),
+        Request("a", mig_profile="1g.10gb", prefer_uuids=first.uuids,
+                own_container=mine.container_id),
     )
     assert isinstance(again, Choice) and again.uuids == first.uuids
+
+
+def test_another_container_of_the_same_server_is_someone_elses():
+    """Only the server's own container (by id) gives up its devices to a restart: a stray of
+    the same user and server name (another name, another hub) keeps what it holds."""
+    first = choose(A100, [], limits(), Request("a", mig_profile="3g.40gb"))
+    stray = holding(first, "a")  # running, same user and server
+    again = choose(A100, [stray], limits(), Request("a", mig_profile="3g.40gb",
+                                                    prefer_uuids=first.uuids))
+    assert isinstance(again, Refusal) and again.code == allocator.FULL
 
 
 def test_quota_in_gpu_equivalents():

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuspawner import allocator
-from gpuspawner.allocator import Choice, Refusal, Request, Taken, choose
+from gpuspawner.allocator import Choice, Refusal, Taken, choose
 from gpuspawner.records import EXPIRED, HELD, RUNNING, Allocation, Inventory, MigDevice
 
-from .hosts import holding, host, limits, unmanaged
+from .hosts import Request, holding, host, limits, unmanaged
 
 #: MIG layouts an A100-80GB can really hold (slices add up to at most 7).
 LAYOUTS = [
@@ -112,11 +112,7 @@ def check_no_double_holding(inventory: Inventory, allocations: list[Allocation],
 
 
 def justified(inventory, allocations, lim, request, refusal: Refusal):
-    others = [
-        a
-        for a in allocations
-        if not (a.managed and a.user == request.user and a.server == request.server)
-    ]
+    others = [a for a in allocations if a.container_id != request.own_container]
     taken = Taken(inventory, others)
     if refusal.code == allocator.FULL:
         enabled = {g.uuid for g in inventory.gpus if g.mig_enabled}
@@ -129,24 +125,26 @@ def justified(inventory, allocations, lim, request, refusal: Refusal):
             for device in pool:
                 blockers = taken.blockers(device)
                 assert blockers, f"{device.slot} was free"
-                assert not allocator._preemptible(blockers, lim, request.user)
+                assert not allocator._preemptible(blockers, lim, request)
         else:
             pool = [g for g in inventory.gpus if not g.mig_enabled]
             usable = [
                 g
                 for g in pool
                 if not taken.blockers(g)
-                or allocator._preemptible(taken.blockers(g), lim, request.user)
+                or allocator._preemptible(taken.blockers(g), lim, request)
             ]
             assert len(usable) < request.gpus
     elif refusal.code == allocator.QUOTA:
         want = request.gpus or next(
             m.equivalents for m in inventory.migs if m.profile == request.mig_profile
         )
-        assert allocator.usage(others, request.user) + want > lim.max_gpu_equivalents + 1e-9
+        have = allocator.usage(inventory, others, request.hub, request.user)
+        assert have + want > lim.max_gpu_equivalents + 1e-9
     elif refusal.code == allocator.TOO_MANY_SERVERS:
         assert (
-            allocator.servers_in_use(allocations, request.user, request.server) >= lim.max_servers
+            allocator.servers_in_use(allocations, request.hub, request.user, request.server)
+            >= lim.max_servers
         )
     elif refusal.code == allocator.NO_SUCH_PROFILE:
         if request.mig_profile:
@@ -192,6 +190,7 @@ def test_histories_never_break_the_rules(layout, policies, history):
                 mig_profile=arg if what == "mig" else None,
                 gpus=arg if what == "gpus" else 0,
                 prefer_uuids=tuple(u for a in own for u in a.uuids),
+                own_container=own[0].container_id if own else None,
                 strategy=strategy,
             )
             result = choose(inventory, allocations, lim, request)
@@ -274,12 +273,14 @@ def test_contention_and_preemption(priorities, history):
         if step[0] == "spawn":
             user, what = step[1], step[2]
             lim = limits(priority=priorities[user], max_gpu_equivalents=None)
+            own = [a for a in allocations if a.user == user and a.server == ""]
             request = Request(
                 user,
                 "",
                 what,
                 mig_profile=None if what == "gpu" else what,
                 gpus=1 if what == "gpu" else 0,
+                own_container=own[0].container_id if own else None,
             )
             result = choose(inventory, allocations, lim, request)
             if isinstance(result, Refusal):

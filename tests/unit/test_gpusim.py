@@ -16,11 +16,13 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pynvml as real
 import pytest
 
 from .. import gpusim
+from ..engine import EnginePaths
 from ..gpusim import BIN_DIR, Simulator, TopologyError
 
 UUID = re.compile(r"^(GPU|MIG)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -370,3 +372,74 @@ def test_hook_refuses_unknown_devices(gpusim_local: Simulator, tmp_path: Path) -
     assert not last["ok"] and "4: unknown device" in last["error"]
     no_driver = _hook(tmp_path, ["NVIDIA_VISIBLE_DEVICES=0"], {"GPUSIM_STATE": "/nonexistent"})
     assert no_driver.returncode == 1 and "load library failed" in no_driver.stderr
+
+
+# -------------------------------------------------------------------------------- runtime
+
+RUNTIME = str(BIN_DIR / "nvidia-container-runtime")
+
+
+def _runtime(tmp_path: Path, argv: list[str], env_entries: list[str],
+             hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the fake runtime with a stand-in ``runc`` first on PATH, check that ``runc`` got
+    the arguments unchanged, and return the bundle's config.json afterwards."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(exist_ok=True)
+    config: dict[str, Any] = {"process": {"env": env_entries}}
+    if hooks:
+        config["hooks"] = hooks
+    (bundle / "config.json").write_text(json.dumps(config))
+    fake_runc = tmp_path / "bin" / "runc"
+    fake_runc.parent.mkdir(exist_ok=True)
+    fake_runc.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RUNC_ARGV"\n')
+    fake_runc.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_runc.parent}:{os.environ['PATH']}",
+           "RUNC_ARGV": str(tmp_path / "argv"), "GPUSIM_STATE": "/the/state"}
+    argv = [a.replace("BUNDLE", str(bundle)) for a in argv]
+    done = subprocess.run([RUNTIME, *argv], capture_output=True, text=True, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "argv").read_text().splitlines() == argv
+    return json.loads((bundle / "config.json").read_text())
+
+
+def test_runtime_adds_the_hook_when_the_environment_names_gpus(tmp_path: Path) -> None:
+    create = ["--root", "/run/runc", "--log", "log.json", "--log-format", "json", "create",
+              "--bundle", "BUNDLE", "--pid-file", "init.pid", "abc"]
+    config = _runtime(tmp_path, create, ["NVIDIA_VISIBLE_DEVICES=void",
+                                         "NVIDIA_VISIBLE_DEVICES=all"])
+    [hook] = config["hooks"]["prestart"]
+    assert hook["path"] == str(BIN_DIR / "nvidia-container-runtime-hook")
+    assert hook["args"] == ["nvidia-container-runtime-hook", "prestart"]
+    assert "GPUSIM_STATE=/the/state" in hook["env"]  # the hook reads the same host
+    for value in ("none", ""):  # the hook runs; it hands over no device
+        config = _runtime(tmp_path, ["create", "-b", "BUNDLE", "abc"],
+                          [f"NVIDIA_VISIBLE_DEVICES={value}"])
+        assert len(config["hooks"]["prestart"]) == 1
+
+
+def test_runtime_leaves_other_containers_and_commands_alone(tmp_path: Path) -> None:
+    for env_entries in (["PATH=/bin"], ["NVIDIA_VISIBLE_DEVICES=all",
+                                        "NVIDIA_VISIBLE_DEVICES=void"]):
+        config = _runtime(tmp_path, ["create", "--bundle=BUNDLE", "abc"], env_entries)
+        assert "hooks" not in config
+    # Docker added the hook itself for a DeviceRequest: the runtime adds no second one.
+    docker_hook = {"path": "/usr/bin/nvidia-container-runtime-hook", "args": ["x", "prestart"]}
+    config = _runtime(tmp_path, ["create", "--bundle", "BUNDLE", "abc"],
+                      ["NVIDIA_VISIBLE_DEVICES=MIG-1"], {"prestart": [docker_hook]})
+    assert config["hooks"]["prestart"] == [docker_hook]
+    # Not a create (an option's value that reads "create" is no subcommand either).
+    for argv in (["--root", "create", "start", "abc"], ["delete", "abc"]):
+        config = _runtime(tmp_path, argv, ["NVIDIA_VISIBLE_DEVICES=all"])
+        assert "hooks" not in config
+
+
+def test_an_engine_beside_another_shares_no_bridge_or_subnet() -> None:
+    for number in range(200):
+        main = EnginePaths.from_env({"GPUSPAWNER_TEST_ROOT": f"/var/lib/root-{number}"})
+        second = main.beside("nvidia-default")
+        assert second.bridge != main.bridge and second.gateway_cidr != main.gateway_cidr
+        assert second.socket != main.socket
+        assert Path("/var/lib", f"root-{number}") in second.data_root.parents
+    default = EnginePaths.from_env({}).beside("nvidia-default")
+    assert default.bridge != EnginePaths.from_env({}).bridge

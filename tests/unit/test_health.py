@@ -96,7 +96,8 @@ def mig(index: int, profile: str = "1g.10gb", gi: int | None = None) -> dict[str
 def test_a_healthy_host_is_all_ok():
     checks = health.snapshot_checks(snap(), (40000, 40999))
     found = by_name(checks)
-    assert list(found) == ["nvml", "mig-pending", "missing-uuids", "unmanaged", "ports"]
+    assert list(found) == ["nvml", "mig-pending", "missing-uuids", "unmanaged", "conflicts",
+                           "ports"]
     assert all(c.status == OK for c in checks), checks
     assert found["nvml"].message == "2 GPU(s), 7 MIG device(s) through file"
     assert found["ports"].message == "1000 of 1000 ports free in 40000-40999"
@@ -221,7 +222,10 @@ def test_unmanaged_holders_warn_with_their_names():
     assert unmanaged.message.startswith("2 container(s) hold GPUs without gpuspawner labels")
     assert "outside-named" in unmanaged.message and "outside-all" in unmanaged.message
     assert found["missing-uuids"].status == OK  # count=-1 names no device that could be gone
-    assert health.worst(list(found.values())) == WARN
+    # "--gpus all" runs on GPU 1 too: two running holders of one device are a conflict.
+    assert found["conflicts"].status == FAIL and "GPU 1" in found["conflicts"].message
+    alone = by_name(health.snapshot_checks(snap(allocations=[everything])))
+    assert health.worst(list(alone.values())) == WARN
 
 
 def test_stopped_unmanaged_containers_hold_nothing():
@@ -360,7 +364,8 @@ def test_run_all_adds_the_snapshot_checks():
     api = FakeAPI({"ServerVersion": "26.1.5", "Runtimes": {"nvidia": {}}})
     checks = health.run_all(api, snap, (40000, 40999))
     assert [c.name for c in checks] == [
-        "docker", "nvidia-runtime", "nvml", "mig-pending", "missing-uuids", "unmanaged", "ports"]
+        "docker", "nvidia-runtime", "nvml", "mig-pending", "missing-uuids", "unmanaged",
+        "conflicts", "ports"]
     assert health.worst(checks) == OK
 
 
@@ -373,6 +378,19 @@ def test_runtime_found_through_the_hook_or_missing(monkeypatch: pytest.MonkeyPat
     assert missing.status == WARN and "nvidia-container-toolkit" in missing.message
     assert health.runtime_check({"Runtimes": None}).status == WARN
     assert health.runtime_check(None).status == WARN
+
+
+def test_nvidia_as_default_runtime_warns():
+    """A DGX-style engine: the toolkit is there, but containers get GPUs without asking."""
+    info = {"DefaultRuntime": "nvidia", "Runtimes": {"nvidia": {"path": "nvidia-container-runtime"},
+                                                      "runc": {"path": "runc"}}}
+    check = health.runtime_check(info)
+    assert (check.name, check.status) == ("nvidia-runtime", WARN)
+    assert "registered and is Docker's default runtime" in check.message
+    assert "NVIDIA_VISIBLE_DEVICES=void on CPU servers" in check.message
+    assert "containers made by hand may use GPUs no one sees" in check.message
+    registered = health.runtime_check({**info, "DefaultRuntime": "runc"})
+    assert registered.status == OK
 
 
 def test_taken_at_is_not_needed_for_health():

@@ -164,4 +164,7 @@ def test_docker_status_text_bounds():
     assert ago_bounds("Exited (0) About a minute ago") == (60, 120)
     assert ago_bounds("Exited (1) 7 minutes ago") == (420, 480)
     assert ago_bounds("Exited (0) 3 hours ago") == (9000, 12600)
+    # Days, weeks and months are counted from hours rounded to the nearest (go-units).
+    assert ago_bounds("Exited (0) 2 days ago") == (47.5 * 3600, 71.5 * 3600)
+    assert ago_bounds("Exited (0) 3 weeks ago") == (3 * 168 * 3600 - 1800, 4 * 168 * 3600 - 1800)
     assert ago_bounds("Up 2 hours") is None

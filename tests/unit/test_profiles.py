@@ -65,3 +65,26 @@ def test_policy_hides_what_it_forbids():
     assert "two-gpus" not in [p.slug for p in permitted(profiles, one)]
     by_mig_name = limits(allowed_profiles=("1g.*",))
     assert [p.slug for p in permitted(profiles, by_mig_name)] == ["mig-1g"]
+
+
+def test_resolve_takes_a_permitted_slug_and_nothing_else():
+    from gpuspawner.profiles import ProfileRefused, resolve
+
+    profiles = parse_profiles(PROFILES)
+    allowed = permitted(profiles, limits(allow_full_gpu=False))
+    assert resolve({}, allowed, profiles).slug == "mig-1g"  # the default
+    assert resolve({"profile": "mig-1g"}, allowed, profiles).slug == "mig-1g"
+    refusals = [
+        ({"profile": "two-gpus"}, "profile", 400, "Profiles you may choose: cpu, mig-1g"),
+        ({"profile": "mig-1g", "device_ids": ["GPU-x"]}, "options", 400, "device_ids"),
+        ({"image": "evil"}, "options", 400, "come with the profile"),
+    ]
+    for options, code, status, words in refusals:
+        with pytest.raises(ProfileRefused) as info:
+            resolve(options, allowed, profiles)
+        assert (info.value.code, info.value.status) == (code, status)
+        assert words in info.value.message
+    with pytest.raises(ProfileRefused) as info:
+        resolve({}, [], profiles)  # the policy allows none of them
+    assert info.value.status == 403
+    assert resolve({}, [], []).slug == "default"  # no profiles at all: a CPU server

@@ -158,7 +158,7 @@ def test_inventory_errors_leave_cpu_servers_working(monkeypatch, tmp_path):
 
 
 def test_docker_times_compare_in_time_order():
-    from gpuspawner.spawner import nanotime
+    from gpuspawner.spawnplan import nanotime
 
     a = nanotime("2026-11-24T13:50:18.12Z")
     b = nanotime("2026-11-24T13:50:18.123Z")

@@ -1,0 +1,430 @@
+"""The spawn path as a pure decision: ``plan(snapshot, request) -> Plan | Refusal``.
+
+Everything a spawn decides is decided here, on one Snapshot, with no I/O: whether the
+server's existing container is started again, replaced or refused; which devices and host
+ports a new container gets; which containers must go first and why; the labels, device ids
+and environment of the new container; what the spawn page and the operation log say. The
+spawner's executor then carries the plan out and decides nothing. So the two promises (no
+device used twice, nothing a user made lost) can be tested as data, over random histories.
+
+``race_loser`` is the one rule every path applies right before and right after a start:
+another running holder wins; otherwise the earlier Docker ``Created`` wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import allocator, labels, ports
+from .allocator import Choice, Refusal, Request
+from .labels import LabelRecord
+from .records import CREATED, RUNNING, Allocation, JSONRecord
+from .snapshot import Snapshot
+
+# Actions.
+CREATE = "create"  # no container of this server (or it was removed for ``remove=True``)
+REUSE = "reuse"  # start the server's stopped container as it is
+REPLACE = "replace"  # a new container in place of the server's own, without loss
+
+# Why a container is removed (stable: the operation log and tests read them).
+GPU_GONE = "gpu-gone"  # its device no longer exists (MIG re-created, GPU removed)
+GPU_GIVEN_AWAY = "gpu-given-away"  # its device went to someone else after the hold
+PROFILE_CHANGED = "profile-changed"
+PORTS_CHANGED = "ports-changed"
+PORT_TAKEN = "port-taken"
+UNLABELLED = "unlabelled"  # made before gpuspawner (a lab switching from DockerSpawner)
+DEVICES_DISAGREE = "devices-disagree"  # its labels and Docker's device requests differ
+PREEMPTED = "preempted"  # a lower-priority hold taken over
+FRESH = "fresh"  # DockerSpawner's ``remove=True``: a fresh container every start
+# ... and why the executor removes the container its own spawn made.
+START_FAILED = "start-failed"  # it could not start: it must not sit on its device
+RACE_LOST = "race-lost"  # another container took the same device at the same moment
+
+#: Refusal codes of the planner (the allocator's are passed through).
+NAME_CLASH = "name-clash"
+GPU_LOST = "gpu-lost"
+PORTS = "ports"
+BUSY = "busy"  # the server's own container runs already and holds what another needs
+
+#: Reasons the user's own container must be replaced because of its GPU.
+_GPU_REASONS = frozenset({GPU_GONE, GPU_GIVEN_AWAY})
+
+_SAVE = "commit"
+_DROP = "remove"
+_DOCKER_RUNNING = frozenset({"running", "paused", "restarting"})
+
+
+@dataclass(frozen=True)
+class Existing(JSONRecord):
+    """The container that already carries this server's name, as Docker shows it."""
+
+    container_id: str
+    name: str
+    docker_status: str
+    labels: LabelRecord
+
+
+@dataclass(frozen=True)
+class SpawnRequest(JSONRecord):
+    """Everything the planner needs besides the snapshot: plain data from the spawner."""
+
+    hub_id: str
+    user: str
+    server: str
+    profile: str
+    container_name: str
+    mig_profile: str | None = None
+    gpus: int = 0
+    groups: tuple[str, ...] = ()
+    existing: Existing | None = None
+    #: name -> container port, to publish on a host port each.
+    ports: tuple[tuple[str, int], ...] = ()
+    port_range: tuple[int, int] = (40000, 40999)
+    on_gpu_lost: str = "reallocate"  # or "fail"
+    replace_with: str = _SAVE  # "commit": keep the old container's files; "remove"
+    remove: bool = False  # DockerSpawner's remove=True
+    strategy: str = allocator.PACK
+    #: A saved image of this server's last container (committed when it was removed).
+    saved_image: str | None = None
+    now: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Removal(JSONRecord):
+    """A container the executor removes, and whether it is committed to an image first."""
+
+    container_id: str
+    container_name: str
+    reason: str
+    user: str | None
+    save: bool
+    #: The server it belongs to (a saved image is labelled with it, for that server's next
+    #: start).
+    server: str = ""
+
+
+@dataclass(frozen=True)
+class Event(JSONRecord):
+    """One line of the operation log the executor writes when the plan is carried out."""
+
+    name: str
+    fields: tuple[tuple[str, Any], ...]
+
+    def data(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+
+@dataclass(frozen=True)
+class Plan(JSONRecord):
+    action: str  # CREATE | REUSE | REPLACE
+    choice: Choice
+    #: The server's own container that is started (REUSE) or replaced (REPLACE).
+    existing: str | None = None
+    #: Removed before the new container is created, each committed first when ``save``.
+    removals: tuple[Removal, ...] = ()
+    #: REPLACE: the old container, committed (``save``) and removed after the new exists.
+    replaced: Removal | None = None
+    #: The image of the new container when it is not the profile's (a saved image).
+    image: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    device_ids: tuple[str, ...] = ()
+    #: (name, container port, host port)
+    ports: tuple[tuple[str, int, int], ...] = ()
+    environment: tuple[tuple[str, str], ...] = ()
+    progress: tuple[tuple[int, str], ...] = ()
+    events: tuple[Event, ...] = ()
+
+    @property
+    def creates(self) -> bool:
+        return self.action in (CREATE, REPLACE)
+
+    @property
+    def host_ports(self) -> dict[str, int]:
+        return {name: host for name, _, host in self.ports}
+
+
+def docker_kwargs(plan: Plan, host_ip: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the plan adds to DockerSpawner's create call: (create kwargs, host config).
+
+    Labels; the extra ports exposed and published on ``host_ip`` in docker-py's dict forms
+    (a list of ``"6006/tcp"`` strings would be read as ``6006/tcp/tcp`` and never published);
+    the NVIDIA device request by UUID, never ``count``.
+    """
+    create: dict[str, Any] = {
+        "labels": dict(plan.labels),
+        "ports": {f"{container}/tcp": None for _, container, _ in plan.ports},
+    }
+    host: dict[str, Any] = {
+        "port_bindings": {container: (host_ip, host_port)
+                          for _, container, host_port in plan.ports},
+    }
+    if plan.device_ids:  # docker-py makes a DeviceRequest of these keyword arguments
+        host["device_requests"] = [{"driver": "nvidia", "device_ids": list(plan.device_ids),
+                                    "capabilities": [["gpu"]]}]
+    return create, host
+
+
+def environment(uuids: Sequence[str], host_ports: Mapping[str, int], profile: str,
+                slots: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The variables every new container gets. ``NVIDIA_VISIBLE_DEVICES`` is exactly its
+    devices, or ``void`` for a CPU server: on a host whose default runtime is ``nvidia``, or
+    with an image that sets ``all``, anything else would let a CPU server see every GPU."""
+    env = [("NVIDIA_VISIBLE_DEVICES", ",".join(uuids) or "void"),
+           ("GPUSPAWNER_PROFILE", profile), ("GPUSPAWNER_GPU", ",".join(slots))]
+    env += [(f"GPUSPAWNER_PORT_{name.upper().replace('-', '_')}", str(port))
+            for name, port in sorted(host_ports.items())]
+    return tuple(env)
+
+
+def whose(record: LabelRecord, hub_id: str | None = None) -> str:
+    """Whose a container is, in words, from its labels (for refusals)."""
+    if record.hub and record.hub == hub_id:
+        return f"user {record.user!r} (server {record.server!r}) of this hub"
+    if record.hub:
+        return f"hub {record.hub!r}"
+    if record.managed:
+        return "DS01's tools" + (f" (user {record.user})" if record.user else "")
+    return "someone else (it has no gpuspawner labels)"
+
+
+def _refusal(code: str, message: str) -> Refusal:
+    return Refusal(code, message)
+
+
+def _own_allocation(snap: Snapshot, existing: Existing | None) -> Allocation | None:
+    if existing is None:
+        return None
+    return next((a for a in snap.allocations if a.container_id == existing.container_id), None)
+
+
+def plan(
+    snap: Snapshot,
+    req: SpawnRequest,
+    port_free: Callable[[int], bool] = lambda port: True,
+    limits: Any = None,
+) -> Plan | Refusal:
+    """Decide a spawn. ``port_free`` probes the host for a port (the one question only the
+    host can answer); ``limits`` defaults to the snapshot's policy for the user."""
+    limits = limits if limits is not None else snap.limits_for(req.user, req.groups)
+    existing = req.existing
+    own = _own_allocation(snap, existing)
+    record = existing.labels if existing else None
+    ours = own.is_ours(req.hub_id) if own is not None else bool(
+        record and record.managed and record.hub == req.hub_id
+        and record.interface == labels.INTERFACE_JUPYTERHUB and record.schema
+    )
+    # The server's own container: this hub's, made for this very user and server.
+    ours = ours and record is not None and (record.user, record.server) == (req.user, req.server)
+    progress: list[tuple[int, str]] = []
+    events: list[Event] = []
+    removals: list[Removal] = []
+
+    if existing is not None and record is not None and not ours and record.managed:
+        return _refusal(
+            NAME_CLASH,
+            f"a container named {existing.name} already exists and belongs to "
+            f"{whose(record, req.hub_id)}; gpuspawner never touches another's container: an "
+            "admin can rename or remove it, or give this hub its own DockerSpawner.prefix",
+        )
+    unlabelled = existing is not None and record is not None and not record.managed
+    if unlabelled and existing.docker_status in _DOCKER_RUNNING:
+        return _refusal(
+            NAME_CLASH,
+            f"a container named {existing.name} is running and has no gpuspawner labels; "
+            "stop it (docker stop) and start again: it is then kept, files and all",
+        )
+    if existing is not None and req.remove:
+        removals.append(Removal(existing.container_id, existing.name, FRESH, req.user, False,
+                                req.server))
+        existing, own, record, unlabelled = None, None, None, False
+
+    request = Request(
+        user=req.user,
+        server=req.server,
+        profile=req.profile,
+        mig_profile=req.mig_profile,
+        gpus=req.gpus,
+        prefer_uuids=own.uuids if own and ours else (),
+        prefer_parents=(record.parent_uuids if record and ours else ()),
+        strategy=req.strategy,
+        hub=req.hub_id,
+        own_container=own.container_id if own and ours else None,
+    )
+    choice = allocator.choose(snap.inventory, snap.allocations, limits, request)
+    if isinstance(choice, Refusal):
+        return choice
+    for container_id in choice.preempts:
+        victim = next(a for a in snap.allocations if a.container_id == container_id)
+        removals.append(Removal(container_id, victim.container_name, PREEMPTED, victim.user,
+                                True, victim.server))
+        events.append(Event("gpu.preempt", (("holder", victim.user),
+                                             ("container", victim.container_name),
+                                             ("devices", list(victim.uuids)))))
+
+    wanted = dict(req.ports)
+    if existing is not None and ours and own is not None:
+        why = _cannot_reuse(snap, own, req, choice, wanted, port_free)
+        if why is None:
+            progress.append((40, f"Keeping {choice.describe()} (same as before)"))
+            events.append(Event("gpu.keep", (("container", existing.name),
+                                              ("devices", list(choice.uuids)),
+                                              ("slots", list(choice.slots)))))
+            return Plan(REUSE, choice, existing=existing.container_id,
+                        removals=tuple(removals), progress=tuple(progress),
+                        events=tuple(events))
+        reason, words = why
+        if reason in _GPU_REASONS and req.on_gpu_lost == "fail":
+            return _refusal(
+                GPU_LOST,
+                f"{words}. Your server was not started; its files are safe. Ask an admin, or "
+                "set up a fresh server (it will get another device)",
+            )
+        if existing.docker_status in _DOCKER_RUNNING:
+            return _refusal(
+                BUSY,
+                f"your server's container {existing.name} is still running but must be "
+                f"replaced ({words}); stop the server and start it again",
+            )
+        progress.append((35, f"{words}: replacing the container; your files are kept"))
+        if reason in _GPU_REASONS:
+            events.append(Event("gpu.reallocate", (
+                ("container", existing.name), ("old", list(own.uuids)),
+                ("new", list(choice.uuids)), ("reason", words))))
+        replaced = Removal(existing.container_id, existing.name, reason, req.user,
+                           req.replace_with == _SAVE, req.server)
+    elif unlabelled:
+        words = "the old container was made before gpuspawner"
+        progress.append((35, f"{words}: replacing the container; your files are kept"))
+        replaced = Removal(existing.container_id, existing.name, UNLABELLED, req.user,
+                           req.replace_with == _SAVE, req.server)
+    else:
+        replaced = None
+
+    previous = dict(own.ports) if own is not None and ours else {}
+    try:
+        chosen = ports.choose(wanted, tuple(req.port_range), _others_ports(snap, own), previous,
+                              port_free)
+    except ports.PortsExhausted as exc:
+        return _refusal(PORTS, str(exc))
+
+    assert req.now is not None, "SpawnRequest.now is set by the spawner"
+    labelset = labels.encode(
+        hub=req.hub_id, user=req.user, server=req.server, profile=req.profile,
+        created_at=req.now, slots=choice.slots, uuids=choice.uuids,
+        parent_uuids=choice.parent_uuids, gis=choice.gis, gpu_profile=choice.gpu_profile,
+        equivalents=choice.equivalents, priority=limits.priority, ports=chosen,
+    )
+    events.append(Event("gpu.allocate", (
+        ("profile", req.profile), ("devices", list(choice.uuids)), ("slots", list(choice.slots)),
+        ("gpu_profile", choice.gpu_profile), ("equivalents", choice.equivalents))))
+    progress.append((40, f"Device chosen: {choice.describe()}"))
+    if chosen:
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(chosen.items()))
+        events.append(Event("port.allocate", (("ports", dict(sorted(chosen.items()))),)))
+        progress.append((50, f"Host ports: {shown}"))
+    image = req.saved_image if replaced is None and req.saved_image else None
+    if image:
+        progress.append((45, "Starting from the saved copy of your last container"))
+    return Plan(
+        REPLACE if replaced is not None else CREATE,
+        choice,
+        existing=existing.container_id if replaced is not None else None,
+        removals=tuple(removals),
+        replaced=replaced,
+        image=image,
+        labels=tuple(sorted(labelset.items())),
+        device_ids=choice.uuids,
+        ports=tuple((name, wanted[name], port) for name, port in sorted(chosen.items())),
+        environment=environment(choice.uuids, chosen, req.profile, choice.slots),
+        progress=tuple(progress),
+        events=tuple(events),
+    )
+
+
+def _others_ports(snap: Snapshot, own: Allocation | None) -> frozenset[int]:
+    """Host ports someone else uses or was promised: all but the server's own container's."""
+    if own is None:
+        return snap.reserved_ports()
+    return snap.reserved_ports(excluding=own.container_id) - set(own.published)
+
+
+def _cannot_reuse(
+    snap: Snapshot,
+    own: Allocation,
+    req: SpawnRequest,
+    choice: Choice,
+    wanted: Mapping[str, int],
+    port_free: Callable[[int], bool],
+) -> tuple[str, str] | None:
+    """Why the server's own container cannot simply start again: (reason, words), or None."""
+    if own.profile != req.profile:
+        return PROFILE_CHANGED, f"Profile changed from {own.profile} to {req.profile}"
+    if set(own.uuids) != set(choice.uuids):
+        present = snap.inventory.by_uuid()
+        gone = [u for u in own.uuids if u not in present]
+        if gone:
+            return GPU_GONE, (f"Your previous GPU device {gone[0]} no longer exists (the GPU "
+                              "was re-partitioned or the host rebooted)")
+        if own.disagrees:
+            return DEVICES_DISAGREE, "Your container's devices differ from its labels"
+        return GPU_GIVEN_AWAY, ("Your previous GPU slot was given to someone else after your "
+                                "hold ended")
+    if own.disagrees:
+        return DEVICES_DISAGREE, "Your container's devices differ from its labels"
+    if set(dict(own.ports)) != set(wanted):
+        return PORTS_CHANGED, "The published ports changed"
+    others = _others_ports(snap, own)
+    for name, port in own.ports:
+        # A port the container itself publishes (it runs) is not someone else's.
+        if port in others or (port not in own.published and not port_free(port)):
+            return PORT_TAKEN, f"Host port {port} ({name}) is now used by something else"
+    return None
+
+
+def nanotime(stamp: str) -> str:
+    """Docker's RFC 3339 ``Created`` with its fraction padded to nine digits (Go trims
+    trailing zeros, which would make text order differ from time order): the race rule's
+    clock, one engine's own."""
+    head, _, rest = stamp.partition(".")
+    digits = "".join(ch for ch in rest if ch.isdigit())
+    return f"{head.rstrip('Z')}.{digits.ljust(9, '0')[:9]}"
+
+
+def rivals(mine: Allocation, snap: Snapshot) -> tuple[Allocation, ...]:
+    """Other containers, running or starting (created, within the start time-out), that hold
+    one of ``mine``'s devices (a whole GPU and its slices overlap)."""
+    others = [a for a in snap.allocations
+              if a.container_id != mine.container_id and a.state in (RUNNING, CREATED)]
+    taken = allocator.Taken(snap.inventory, others)
+    devices = snap.inventory.by_uuid()
+    found = {rival.container_id: rival for uuid in mine.uuids if uuid in devices
+             for rival in taken.blockers(devices[uuid])}
+    return tuple(found.values())
+
+
+def race_loser(
+    mine: Allocation,
+    snap: Snapshot,
+    created: Mapping[str, str],
+    running: bool,
+) -> tuple[str, ...]:
+    """The devices ``mine`` must give up: the one rule before and after every start.
+
+    Against each of its ``rivals``: a running rival wins over a container that is not running
+    yet (``running``: whether ``mine`` runs); otherwise the earlier Docker ``Created``
+    (``created``: container id -> nanosecond time, comparable as text; the id breaks a tie)
+    wins. Every creator on every hub applies the same rule, so exactly one stays.
+    """
+    own_key = (created.get(mine.container_id, "9999"), mine.container_id)
+    devices = snap.inventory.by_uuid()
+    lost: set[str] = set()
+    for rival in rivals(mine, snap):
+        rival_running = rival.state == RUNNING
+        rival_key = (created.get(rival.container_id, "9999"), rival.container_id)
+        if (rival_running and not running) or (rival_running == running and rival_key < own_key):
+            taken = allocator.Taken(snap.inventory, [rival])
+            lost.update(u for u in mine.uuids if u in devices and taken.blockers(devices[u]))
+    return tuple(sorted(lost))

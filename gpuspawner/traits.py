@@ -1,0 +1,162 @@
+"""GPUSpawner's own settings: the traits ``jupyterhub --help-all`` documents.
+
+Kept apart from the spawner's behaviour so each reads on its own; ``GPUSpawner`` inherits
+them, and they are configured as ``c.GPUSpawner.<name>`` like any spawner trait.
+"""
+
+from __future__ import annotations
+
+from traitlets import (
+    Callable as CallableTrait,
+)
+from traitlets import (
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Int,
+    List,
+    Tuple,
+    Unicode,
+    Union,
+)
+from traitlets.config import Configurable
+
+from . import allocator, inventory
+
+
+class GPUSpawnerTraits(Configurable):
+    """The settings of GPUSpawner beyond DockerSpawner's (see docs/reference/traits.md)."""
+
+    hub_id = Unicode(
+        "jupyterhub",
+        config=True,
+        help="""Id of this hub, written into each container's ``ds01.hub`` label so that two
+        hubs on one Docker engine can tell their containers apart. Devices are shared: every
+        hub counts every container's devices as taken, whoever made it.""",
+    )
+
+    profile_list = Union(
+        [List(Dict()), CallableTrait()],
+        default_value=[],
+        config=True,
+        help="""The profiles a user chooses from, as in KubeSpawner's ``profile_list``.
+
+        Each entry: ``display_name``, ``slug`` (default: from the display name),
+        ``description``, ``default`` (bool), ``gpu`` (``{"mig_profile": "1g.10gb"}``,
+        ``{"gpus": 2}`` for whole GPUs, or absent for CPU only), and ``overrides`` with any of
+        ``image``, ``mem_limit``, ``cpu_limit``, ``environment`` (dict) and ``ports``
+        (dict name -> container port, added to ``ports``).
+
+        May be a callable ``f(spawner) -> list`` (may be async) for per-user lists. Profiles
+        the user's policy forbids are not offered. With no profiles, the server is CPU only.""",
+    )
+
+    policy_file = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Path of the YAML policy file (limits per user and group, priorities, holds);
+        see docs/policy.md. Re-read when it changes; a file with errors refuses new spawns with
+        the error (running servers are untouched). Unset: built-in defaults (one GPU-equivalent
+        per user, no whole GPUs, no hold after stop).""",
+    )
+
+    inventory_source = CaselessStrEnum(
+        list(inventory.SOURCES),
+        default_value="auto",
+        config=True,
+        help="""Where the GPU inventory comes from: ``nvml`` (nvidia-ml-py), ``nvidia-smi``,
+        ``file`` (``topology_file``), ``none`` (CPU only), or ``auto``: the topology file if
+        set, else NVML, else nvidia-smi, else none.""",
+    )
+
+    topology_file = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="""A static topology file (YAML/JSON; see docs/inventory.md) for hubs that
+        cannot see the GPUs themselves. Must be kept in step with the host by hand.""",
+    )
+
+    port_range = Tuple(
+        Int(),
+        Int(),
+        default_value=(40000, 40999),
+        config=True,
+        help="""Host ports (inclusive) from which each server's ``ports`` are published.
+        Ports are checked against every container in Docker and against the host itself.""",
+    )
+
+    ports = Union(
+        [Dict(), CallableTrait()],
+        default_value={},
+        config=True,
+        help="""Extra container ports to publish on a host port each, as ``{name: container
+        port}``, e.g. ``{"ssh": 22, "tensorboard": 6006}``. Host ports come from
+        ``port_range``; a server keeps its ports across restarts while they are free. The
+        choice is shown in the spawn progress, written to the ``ds01.port.<name>`` labels and
+        given to the server as ``GPUSPAWNER_PORT_<NAME>`` environment variables. May be a
+        callable of the spawner.""",
+    )
+
+    ports_host_ip = Unicode(
+        "",
+        config=True,
+        help="""Host address the extra ``ports`` are published on (and probed on). Empty:
+        DockerSpawner's ``host_ip`` (127.0.0.1 unless the admin says otherwise), so nothing
+        is published to the network unless the admin asks for it. Web tools such as
+        TensorBoard are better reached through jupyter-server-proxy, behind the Hub's login.""",
+    )
+
+    on_gpu_lost = CaselessStrEnum(
+        ["reallocate", "fail"],
+        default_value="reallocate",
+        config=True,
+        help="""What a restart does when the stopped server's device is gone (MIG re-created,
+        GPU removed) or was given to someone else after the hold: ``reallocate`` replaces the
+        old container without loss (see ``replace_with``) by a new one, preferring the same
+        GPU and profile; ``fail`` refuses, saying what happened and what to do.""",
+    )
+
+    replace_with = CaselessStrEnum(
+        ["commit", "remove"],
+        default_value="commit",
+        config=True,
+        help="""How a server's own stopped container is replaced when it must be (its device
+        is gone after a reboot, its profile or ports changed, it was made before gpuspawner):
+        ``commit`` (default) saves it to an image first and creates the new container from
+        that image, so files outside volumes and installed packages survive (if the commit
+        fails, nothing is removed and the spawn is refused); ``remove`` drops it (volumes are
+        kept). Held containers taken over by a higher priority are always saved.""",
+    )
+
+    gpu_wait_timeout = Float(
+        0,
+        config=True,
+        help="""Seconds a spawn waits for a device when its profile is full, showing its
+        place in the queue (first come, first served within a priority). 0: refuse at once
+        with the reason.""",
+    )
+
+    allocation_strategy = CaselessStrEnum(
+        [allocator.PACK, allocator.SPREAD],
+        default_value=allocator.PACK,
+        config=True,
+        help="""``pack``: fill partly used GPUs first so whole GPUs stay free for multi-GPU
+        profiles; ``spread``: prefer the emptiest GPU.""",
+    )
+
+    events_file = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Operation log (JSON lines: allocations, refusals, re-allocations, ports,
+        containers). Unset: kept in memory only, and in the hub's log.""",
+    )
+
+    docker_retries = Int(
+        3,
+        config=True,
+        help="""Times a Docker call that failed for a transient reason (engine restarting,
+        connection refused, 5xx) is retried, with backoff, before the spawn fails.""",
+    )
