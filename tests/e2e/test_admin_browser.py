@@ -52,6 +52,23 @@ def browser():
             launched.close()
 
 
+def open_as_admin(page, hub) -> None:
+    """Log in through the hub's form as ``admin`` and open the admin page, waiting for the
+    service: the hub starts it with itself, and the proxy answers 503 until it listens."""
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("#username_input", "admin")
+    page.fill("#password_input", hub_password(hub))
+    page.click("#login_submit")
+    page.wait_for_url("**/hub/**")
+    deadline = time.monotonic() + 30
+    while True:
+        response = page.goto(url(hub))
+        if response and response.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert response and response.status == 200, response and response.text()
+
+
 def test_admin_releases_a_hold_in_the_browser(make_hub: MakeHub, tmp_path: Path, engine,
                                               browser):
     hub = make_hub(config_extra=admin_config(Tokens(), before=(
@@ -67,19 +84,7 @@ def test_admin_releases_a_hold_in_the_browser(make_hub: MakeHub, tmp_path: Path,
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.on("dialog", lambda dialog: dialog.accept())
-    page.goto(f"{hub.url}/hub/login")
-    page.fill("#username_input", "admin")
-    page.fill("#password_input", hub_password(hub))
-    page.click("#login_submit")
-    page.wait_for_url("**/hub/**")
-
-    deadline = time.monotonic() + 30
-    while True:  # the hub starts the service with itself; the proxy answers 503 until it listens
-        response = page.goto(url(hub))
-        if response and response.status == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert response and response.status == 200, response and response.text()
+    open_as_admin(page, hub)
     held = page.locator(f'.slice[data-uuid="{ann}"]')
     running = page.locator(f'.slice[data-uuid="{bo}"]')
     assert held.get_attribute("data-state") == "held" and "state-held" in held.get_attribute(

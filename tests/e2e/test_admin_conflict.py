@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from typing import Any
 
 import docker
@@ -21,10 +20,10 @@ import pytest
 
 from gpuspawner import inventory
 
-from ..hub import VENV_BIN, hub_password, login
+from ..hub import VENV_BIN, login
 from .conftest import MakeHub
 from .test_admin import Tokens, admin_config, open_page, url, with_token, xsrf_of
-from .test_admin_browser import ARTIFACTS, browser  # noqa: F401 - the fixture
+from .test_admin_browser import ARTIFACTS, browser, open_as_admin  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.docker
 
@@ -71,18 +70,7 @@ def test_a_conflict_is_red_failed_counted_and_logged_once(
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
-    page.goto(f"{hub.url}/hub/login")
-    page.fill("#username_input", "admin")
-    page.fill("#password_input", hub_password(hub))
-    page.click("#login_submit")
-    page.wait_for_url("**/hub/**")
-    deadline = time.monotonic() + 30
-    while True:  # the hub starts the service with itself; the proxy answers 503 until it listens
-        response = page.goto(url(hub))
-        if response and response.status == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert response and response.status == 200, response and response.text()
+    open_as_admin(page, hub)
 
     block = page.locator(f'.slice[data-uuid="{mig.uuid}"]')
 

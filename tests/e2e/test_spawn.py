@@ -65,6 +65,12 @@ def uuid_of(container: Any) -> str:
     return container.labels["ds01.gpu.uuids"]
 
 
+def given(gpusim: Any, container: Any) -> list[str]:
+    """The devices the (simulated) NVIDIA hook handed the container at its last start."""
+    calls = [c["devices"] for c in gpusim.hook_calls() if c["id"] == container.id]
+    return calls[-1] if calls else []
+
+
 def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path: Path, gpusim):
     hub = make_hub(
         config_extra=policy(tmp_path, "defaults: {allow_full_gpu: true}\n")
@@ -172,12 +178,12 @@ def test_after_the_hold_another_user_takes_it_and_the_owner_reallocates(
     hub.stop_server("ann")
     time.sleep(4)  # the hold ends
     hub.spawn("bo", "mig-3g")
-    assert uuid_of(hub.container("bo")) == slot  # packing gives bo the freed slice
+    assert given(gpusim, hub.container("bo")) == [slot]  # packing gives bo the freed slice
 
     hub.spawn("ann", "mig-3g")
     again = hub.container("ann")
     assert again.id != first.id
-    assert uuid_of(again) != slot
+    assert given(gpusim, again) != [slot] and len(given(gpusim, again)) == 1
     assert again.labels["ds01.gpu.parent_uuids"] == first.labels["ds01.gpu.parent_uuids"]
     assert any("given to someone else" in m for m in hub.last_progress), hub.last_progress
     moved = [e for e in hub.events() if e["event"] == "gpu.reallocate"]
@@ -203,7 +209,7 @@ def test_reboot_makes_a_restart_reallocate_instead_of_failing(
     again = hub.container("ann")
     present = {m["uuid"] for g in gpusim.state()["gpus"] for m in g.get("mig_devices", [])}
     assert uuid_of(first) not in present
-    assert uuid_of(again) in present
+    assert given(gpusim, again)[0] in present and given(gpusim, again) == [uuid_of(again)]
     assert again.labels["ds01.gpu.profile"] == "1g.10gb"
     assert again.labels["ds01.gpu.parent_uuids"] == first.labels["ds01.gpu.parent_uuids"]
     assert again.labels["ds01.gpu.gi"] == first.labels["ds01.gpu.gi"]  # the same slice
@@ -238,7 +244,7 @@ def test_remove_true_frees_the_slot_on_stop(make_hub: MakeHub, gpusim):
     assert hub.spawn("bo", "mig-3g").status_code in (201, 202)
 
 
-def test_twenty_users_at_the_same_moment(make_hub: MakeHub, engine):
+def test_twenty_users_at_the_same_moment(make_hub: MakeHub, engine, gpusim):
     """a100x4 has nine 1g.10gb slices: nine students get one each, eleven are told why not."""
     hub = make_hub()
     users = [f"s{n:02d}" for n in range(20)]
@@ -259,7 +265,11 @@ def test_twenty_users_at_the_same_moment(make_hub: MakeHub, engine):
     assert len(started) == 9, results
     assert len(refused) == 11, results
     assert all("1g.10gb slices are in use" in text for _, text in refused)
-    holders = [c for c in engine.client.containers.list(filters={"label": "ds01.managed=true"})]
-    uuids = [c.labels["ds01.gpu.uuids"] for c in holders]
-    assert len(uuids) == 9 and len(set(uuids)) == 9
+    # What the engine holds for the running containers, and what the hook handed over.
+    holders = engine.client.containers.list()
+    held = [d for c in holders for r in c.attrs["HostConfig"].get("DeviceRequests") or []
+            for d in r["DeviceIDs"]]
+    assert len(held) == 9 and len(set(held)) == 9, held
+    handed = [d for c in holders for d in given(gpusim, c)]
+    assert sorted(handed) == sorted(held)
     assert {c.labels["ds01.user"] for c in holders} == set(started)
