@@ -45,6 +45,12 @@ STATUS = {
 }
 
 
+def docker_down(exc: Exception) -> SpawnException:
+    return refuse(
+        f"The Docker engine is not answering, so no server can start now ({exc}). "
+        "Try again in a minute; if it persists, tell an admin.", "docker", 503)
+
+
 def refused(refusal: Refusal) -> SpawnException:
     """The spawn error of a decision's refusal: one sentence, its code, its status."""
     message = refusal.message[0].upper() + refusal.message[1:] + "."

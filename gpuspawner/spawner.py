@@ -26,7 +26,7 @@ from traitlets import default
 from . import allocator, events, form, inventory, labels, ports, spawnplan
 from . import ledger as ledger_mod
 from .allocator import Refusal
-from .errors import refuse, refused
+from .errors import docker_down, refuse, refused
 from .events import EventLog
 from .ledger import Ledger, LedgerError
 from .policy import Policy, PolicyError, PolicyFile
@@ -39,6 +39,7 @@ from .profiles import (
     permitted,
     resolve,
 )
+from .progress import Progress
 from .records import Inventory
 from .snapshot import Snapshot, take
 from .traits import GPUSpawnerTraits
@@ -115,9 +116,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             return None
 
     def _reset_progress(self) -> None:
-        self._events: list[dict[str, Any]] = []
-        self._progress_changed = asyncio.Event()
-        self._spawn_done = False
+        self._steps = Progress()
 
     def run_pre_spawn_hook(self):
         # JupyterHub serves /progress as soon as a spawn is pending, before start() runs:
@@ -185,16 +184,10 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id)
 
     async def snapshot(self) -> Snapshot:
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.executor, self.take_snapshot)
+            return await self._run(self.take_snapshot)
         except LedgerError as exc:
-            raise refuse(
-                f"The Docker engine is not answering, so no server can start now ({exc}). "
-                "Try again in a minute; if it persists, tell an admin.",
-                "docker",
-                503,
-            ) from exc
+            raise docker_down(exc) from exc
 
     # ------------------------------------------------------------------ profiles & form
 
@@ -278,22 +271,11 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     # ------------------------------------------------------------------ progress
 
     def _progress(self, percent: int, message: str) -> None:
-        self._events.append({"progress": percent, "message": message})
-        self._progress_changed.set()
+        self._steps.add(percent, message)
 
     async def progress(self):
-        sent = 0
-        while True:
-            while sent < len(self._events):
-                yield self._events[sent]
-                sent += 1
-            if self._spawn_done:
-                return
-            self._progress_changed.clear()
-            try:
-                await asyncio.wait_for(self._progress_changed.wait(), timeout=1)
-            except asyncio.TimeoutError:
-                pass
+        async for event in self._steps.stream():
+            yield event
 
     # ------------------------------------------------------------------ Docker calls
 
@@ -357,7 +339,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     _plan: spawnplan.Plan | None = None
 
     async def start(self):
-        if self._spawn_done:  # started without the pre-spawn hook (tests, other callers)
+        if self._steps.done:  # started without the pre-spawn hook (tests, other callers)
             self._reset_progress()
         try:
             return await self._start()
@@ -365,15 +347,9 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             if isinstance(exc, docker.errors.APIError):
                 raise
             type(self)._client = None  # reconnect on the next call
-            raise refuse(
-                f"The Docker engine is not answering ({exc}), so no server can start now. "
-                "Try again in a minute; if it persists, tell an admin.",
-                "docker",
-                503,
-            ) from exc
+            raise docker_down(exc) from exc
         finally:
-            self._spawn_done = True
-            self._progress_changed.set()
+            self._steps.finish()
             self._plan = None
             self._waiters.leave(self._log_name)
 
@@ -602,23 +578,14 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     async def _wait_for_device(self, request: spawnplan.SpawnRequest, limits: Any) -> None:
         """Wait, outside the lock, until the profile has a free device for this user (the
         caller then plans again under the lock) or ``gpu_wait_timeout`` runs out."""
-        key = f"{request.mig_profile}:{request.gpus}"
-        who = self._log_name
-        self._waiters.join(limits.priority, key, who)
-        deadline = time.monotonic() + self.gpu_wait_timeout
-        try:
-            while time.monotonic() < deadline:
-                place = self._waiters.position(key, who)
-                self._progress(20, f"Waiting for a free device: number {place} in the queue")
-                await asyncio.sleep(2)
-                if self._waiters.position(key, who) != 1:
-                    continue
-                snap = await self.snapshot()
-                if isinstance(spawnplan.plan(snap, request, self._port_free, limits),
-                              spawnplan.Plan):
-                    return
-        finally:
-            self._waiters.leave(who)
+
+        async def ready() -> bool:
+            plan = spawnplan.plan(await self.snapshot(), request, self._port_free, limits)
+            return isinstance(plan, spawnplan.Plan)
+
+        await self._waiters.wait(f"{request.mig_profile}:{request.gpus}", self._log_name,
+                                 limits.priority, self.gpu_wait_timeout, ready,
+                                 lambda words: self._progress(20, words))
 
     async def stop(self, now: bool = False):
         await super().stop(now=now)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 
 class Waiters:
@@ -23,3 +25,25 @@ class Waiters:
     def position(self, key: str, who: str) -> int:
         mine = [w[3] for w in self.queue if w[2] == key]
         return mine.index(who) + 1 if who in mine else 0
+
+    async def wait(
+        self,
+        key: str,
+        who: str,
+        priority: int,
+        timeout: float,
+        ready: Callable[[], Awaitable[bool]],
+        tell: Callable[[str], None],
+    ) -> None:
+        """Wait in the queue for ``key`` until ``ready()`` says a device is free for ``who``
+        (asked only when first in line) or ``timeout`` seconds pass; ``tell`` the place."""
+        self.join(priority, key, who)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                tell(f"Waiting for a free device: number {self.position(key, who)} in the queue")
+                await asyncio.sleep(2)
+                if self.position(key, who) == 1 and await ready():
+                    return
+        finally:
+            self.leave(who)
