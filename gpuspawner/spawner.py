@@ -81,8 +81,13 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     _engine_checked: ClassVar[bool] = False
 
+    #: What a profile may override: kept as configured, so each spawn starts from the config
+    #: (the spawner object lives on between a server's spawns).
+    _OVERRIDDEN = ("image", "mem_limit", "cpu_limit", "environment")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._configured = {name: getattr(self, name) for name in self._OVERRIDDEN}
         self._reset_progress()
         if not GPUSpawner._engine_checked:
             GPUSpawner._engine_checked = True
@@ -248,6 +253,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             raise refuse(exc.message, exc.code, exc.status) from exc
 
     def _apply_overrides(self, profile: Profile) -> None:
+        for name, value in self._configured.items():  # the last spawn's profile is gone
+            setattr(self, name, value)
         overrides = profile.overrides
         if "image" in overrides:
             self.image = overrides["image"]

@@ -165,3 +165,22 @@ def test_docker_times_compare_in_time_order():
     c = nanotime("2026-11-24T13:50:18Z")
     assert c < a < b
     assert nanotime("2026-11-24T13:50:18.123456789Z") == "2026-11-24T13:50:18.123456789"
+
+
+def test_each_spawn_starts_from_the_configured_image_and_limits(monkeypatch):
+    """The spawner object lives on between a server's spawns: a profile's (or a saved
+    copy's) image must not stick to the next spawn with another profile."""
+    spawner = make_spawner(monkeypatch, image="lab/base:1", mem_limit="2G")
+    big = [p for p in PROFILES if p["slug"] == "mig-3g"][0]
+    big["overrides"] = {"image": "lab/cuda:12", "mem_limit": "32G"}
+    try:
+        from gpuspawner.profiles import parse_profiles
+
+        profiles = {p.slug: p for p in parse_profiles(PROFILES)}
+        spawner._apply_overrides(profiles["mig-3g"])
+        assert (spawner.image, spawner.mem_limit) == ("lab/cuda:12", 32 * 1024**3)
+        spawner.image = "gpuspawner-saved/jupyter-ann:20261129"  # a saved copy, used once
+        spawner._apply_overrides(profiles["cpu"])
+        assert (spawner.image, spawner.mem_limit) == ("lab/base:1", 2 * 1024**3)
+    finally:
+        del big["overrides"]
