@@ -324,15 +324,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
         async def merged(spawner: GPUSpawner, admin: Any, ours: dict[str, Any]) -> dict[str, Any]:
             value = spawner._eval_if_callable(admin)
-            if inspect.isawaitable(value):
-                value = await value
-            value = dict(value or {})
-            for key, extra in ours.items():
-                if isinstance(extra, dict):
-                    value[key] = {**(value.get(key) or {}), **extra}
-                else:
-                    value[key] = [*(value.get(key) or []), *extra]
-            return value
+            return spawnplan.merge(await value if inspect.isawaitable(value) else value, ours)
 
         self.extra_create_kwargs = lambda sp: merged(sp, admin_kwargs, create)
         self.extra_host_config = lambda sp: merged(sp, admin_host, host)

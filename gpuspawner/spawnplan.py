@@ -167,6 +167,18 @@ def docker_kwargs(plan: Plan, host_ip: str) -> tuple[dict[str, Any], dict[str, A
     return create, host
 
 
+def merge(admin: Mapping[str, Any] | None, ours: Mapping[str, Any]) -> dict[str, Any]:
+    """The admin's ``extra_create_kwargs``/``extra_host_config`` with the plan's added: dicts
+    are merged key by key, lists extended; the admin's other keys are kept."""
+    value = dict(admin or {})
+    for key, extra in ours.items():
+        if isinstance(extra, dict):
+            value[key] = {**(value.get(key) or {}), **extra}
+        else:
+            value[key] = [*(value.get(key) or []), *extra]
+    return value
+
+
 def environment(uuids: Sequence[str], host_ports: Mapping[str, int], profile: str,
                 slots: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """The variables every new container gets. ``NVIDIA_VISIBLE_DEVICES`` is exactly its

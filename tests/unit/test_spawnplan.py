@@ -645,3 +645,13 @@ def test_docker_kwargs_publish_the_extra_ports_and_request_devices_by_uuid():
     assert create["labels"]["ds01.gpu.uuids"] == ",".join(result.device_ids)
     cpu = plan(snap(), request(profile="cpu", mig_profile=None))
     assert "device_requests" not in spawnplan.docker_kwargs(cpu, "127.0.0.1")[1]
+
+
+def test_the_plans_docker_kwargs_keep_the_admins_own():
+    admin = {"labels": {"lab.team": "vision"}, "device_requests": [{"driver": "other"}],
+             "shm_size": "1g"}
+    ours = {"labels": {"ds01.user": "ann"}, "device_requests": [{"driver": "nvidia"}]}
+    assert spawnplan.merge(admin, ours) == {
+        "labels": {"lab.team": "vision", "ds01.user": "ann"},
+        "device_requests": [{"driver": "other"}, {"driver": "nvidia"}], "shm_size": "1g"}
+    assert spawnplan.merge(None, ours) == ours
