@@ -197,14 +197,11 @@ def charged(inventory: Inventory, allocation: Allocation) -> float:
     """GPU-equivalents a container is charged: the devices Docker gives it, priced from the
     inventory (never the label's own figure); a device the inventory no longer has (MIG
     re-created) is charged as its labels said when it was given."""
-    devices = inventory.by_uuid()
-    present = [devices[u] for u in allocation.uuids if u in devices]
-    slots = {d.slot: d for d in devices.values()}
-    present += [slots[s] for s in allocation.slot_requests
-                if s in slots and slots[s] not in present]
-    if present:
-        return sum(d.equivalents for d in present)
-    return float(allocation.equivalents) if allocation.uuids else 0.0
+    held = Taken(inventory, [allocation])  # what "holds a device" means, written once
+    if held.by_uuid:
+        devices = inventory.by_uuid()
+        return sum(devices[uuid].equivalents for uuid in held.by_uuid)
+    return float(allocation.equivalents) if held.missing else 0.0
 
 
 def _counted(allocations: Iterable[Allocation], hub: str | None, user: str) -> list[Allocation]:
@@ -213,17 +210,12 @@ def _counted(allocations: Iterable[Allocation], hub: str | None, user: str) -> l
 
 
 def usage(
-    inventory: Inventory,
-    allocations: Iterable[Allocation],
-    hub: str | None,
-    user: str,
-    excluding: str | None = None,
+    inventory: Inventory, allocations: Iterable[Allocation], hub: str | None, user: str
 ) -> float:
-    """GPU-equivalents a user holds on this hub, not counting container ``excluding`` (the
-    server's own, being (re)started). Containers of other hubs, other tools or made by hand
-    are never charged to a user, whatever their labels say."""
-    counted = [a for a in _counted(allocations, hub, user) if a.container_id != excluding]
-    return round(sum(charged(inventory, a) for a in counted) + 0.0, 6)
+    """GPU-equivalents a user holds on this hub (the caller leaves out the server being
+    (re)started). Containers of other hubs, other tools or made by hand are never charged
+    to a user, whatever their labels say."""
+    return round(sum(charged(inventory, a) for a in _counted(allocations, hub, user)) + 0.0, 6)
 
 
 def servers_in_use(

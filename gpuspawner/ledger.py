@@ -171,7 +171,9 @@ class Ledger:
     """
 
     #: Inspects run at most this many at once on a cold read (a hub restart at 1,000
-    #: containers): the engine answers them in parallel, and a bound keeps it responsive.
+    #: containers), so the engine's answers overlap and a bound keeps it responsive. On a
+    #: 2-core host the client's own work per inspect is the limit: it then only matches
+    #: inspecting one after another (benchmarks/bench_core.py --engine).
     concurrency = 8
 
     def __init__(
@@ -294,7 +296,7 @@ class Ledger:
         return record
 
     def _finished_at(
-        self, cid: str, status: str, status_text: str, listed_at: datetime
+        self, cid: str, status_text: str, listed_at: datetime
     ) -> tuple[datetime | None, int]:
         with self._lock:
             known = cid in self._finished
@@ -312,13 +314,8 @@ class Ledger:
             if bounds[0] - slack <= age <= bounds[1] + slack:
                 return cached, 0
         attrs = self._inspect(cid)
-        self._remember(cid, attrs)
-        state = attrs.get("State") or {}
-        finished = L.parse_time(state.get("FinishedAt"))
-        if (state.get("Status") or status) in _STOPPED_STATES:
-            with self._lock:
-                self._finished[cid] = finished
-        return finished, 1
+        self._remember(cid, attrs)  # caches the finish time while it stays stopped
+        return L.parse_time((attrs.get("State") or {}).get("FinishedAt")), 1
 
     def _allocation(
         self,
@@ -341,7 +338,7 @@ class Ledger:
             return None, calls  # holds nothing, says nothing: not an allocation
         finished = None
         if record.managed and status in _STOPPED_STATES:
-            finished, used = self._finished_at(cid, status, entry.get("Status") or "", listed_at)
+            finished, used = self._finished_at(cid, entry.get("Status") or "", listed_at)
             calls += used
         name = ((entry.get("Names") or ["/" + cid[:12]])[0]).lstrip("/")
         published = tuple(sorted(published_ports(entry))) if status in _RUNNING_STATES else ()
@@ -446,6 +443,11 @@ def connect(base_url: str | None = None, timeout: float = 30.0) -> docker.Docker
         ) from exc
 
 
+#: Docker statuses of a container that may be released: stopped for good. Not ``created``
+#: (a spawn in flight), never running, paused or restarting.
+RELEASABLE_STATUSES = frozenset({"exited", "dead"})
+
+
 def remove_stopped(client: docker.DockerClient | docker.APIClient, container_id: str) -> None:
     """Remove an exited (or dead) container, keeping its volumes: the one removal gpuspawner
     makes outside a spawn (an admin releasing a hold early, after ``save``). Asks Docker
@@ -453,7 +455,7 @@ def remove_stopped(client: docker.DockerClient | docker.APIClient, container_id:
     flight) is refused."""
     api = getattr(client, "api", client)
     state = (api.inspect_container(container_id).get("State") or {}).get("Status")
-    if state not in ("exited", "dead"):
+    if state not in RELEASABLE_STATUSES:
         raise LedgerError(
             f"container {container_id[:12]} is {state}; only a stopped server's container is "
             "released (stop the server first)"

@@ -115,6 +115,17 @@ FAILED = "failed"  # created, never started, older than the start time-out: hold
 HOLDING_STATES = frozenset({RUNNING, HELD, CREATED})
 
 
+def made_by(
+    hub_id: str | None, managed: bool, hub: str | None, interface: str | None,
+    schema: str | None,
+) -> bool:
+    """Whether hub ``hub_id`` made a container with these labels: the one rule (DESIGN.md
+    "Ours") every path that reuses, stops, removes, replaces or preempts a container checks
+    first."""
+    return managed and bool(hub_id) and hub == hub_id and interface == "jupyterhub" and bool(
+        schema)
+
+
 @dataclass(frozen=True)
 class Allocation(JSONRecord):
     """One container that holds, or held, GPU devices; read from Docker, never stored elsewhere."""
@@ -163,15 +174,8 @@ class Allocation(JSONRecord):
         return self.state in HOLDING_STATES
 
     def is_ours(self, hub_id: str | None) -> bool:
-        """Whether this hub made the container, the one rule (DESIGN.md "Ours") every path
-        that reuses, stops, removes, replaces or preempts a container checks first."""
-        return (
-            self.managed
-            and bool(hub_id)
-            and self.hub == hub_id
-            and self.interface == "jupyterhub"
-            and bool(self.schema)
-        )
+        """Whether this hub made the container (``made_by``)."""
+        return made_by(hub_id, self.managed, self.hub, self.interface, self.schema)
 
     @property
     def disagrees(self) -> bool:

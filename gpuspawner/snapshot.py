@@ -116,7 +116,7 @@ class Snapshot:
 
     def disagreements(self) -> tuple[Allocation, ...]:
         """Containers whose labels name other devices than Docker gives them (they hold both;
-        ``Allocation.label_problems`` says which): shown, checked and logged, never trusted."""
+        ``Allocation.disagreement`` says which): shown, checked and logged, never trusted."""
         return tuple(a for a in self.allocations if a.disagrees)
 
     def reserved_ports(self, excluding: str | None = None) -> frozenset[int]:

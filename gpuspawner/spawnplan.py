@@ -21,7 +21,7 @@ from typing import Any
 from . import allocator, labels, ports
 from .allocator import Choice, Refusal, Request
 from .labels import LabelRecord
-from .records import CREATED, RUNNING, Allocation, JSONRecord
+from .records import CREATED, RUNNING, Allocation, JSONRecord, made_by
 from .snapshot import Snapshot
 
 # Actions.
@@ -202,10 +202,6 @@ def whose(record: LabelRecord, hub_id: str | None = None) -> str:
     return "someone else (it has no gpuspawner labels)"
 
 
-def _refusal(code: str, message: str) -> Refusal:
-    return Refusal(code, message)
-
-
 def _own_allocation(snap: Snapshot, existing: Existing | None) -> Allocation | None:
     if existing is None:
         return None
@@ -224,10 +220,8 @@ def plan(
     existing = req.existing
     own = _own_allocation(snap, existing)
     record = existing.labels if existing else None
-    ours = own.is_ours(req.hub_id) if own is not None else bool(
-        record and record.managed and record.hub == req.hub_id
-        and record.interface == labels.INTERFACE_JUPYTERHUB and record.schema
-    )
+    ours = own.is_ours(req.hub_id) if own is not None else record is not None and made_by(
+        req.hub_id, record.managed, record.hub, record.interface, record.schema)
     # The server's own container: this hub's, made for this very user and server.
     ours = ours and record is not None and (record.user, record.server) == (req.user, req.server)
     progress: list[tuple[int, str]] = []
@@ -235,7 +229,7 @@ def plan(
     removals: list[Removal] = []
 
     if existing is not None and record is not None and not ours and record.managed:
-        return _refusal(
+        return Refusal(
             NAME_CLASH,
             f"a container named {existing.name} already exists and belongs to "
             f"{whose(record, req.hub_id)}; gpuspawner never touches another's container: an "
@@ -243,7 +237,7 @@ def plan(
         )
     unlabelled = existing is not None and record is not None and not record.managed
     if unlabelled and existing.docker_status in _DOCKER_RUNNING:
-        return _refusal(
+        return Refusal(
             NAME_CLASH,
             f"a container named {existing.name} is running and has no gpuspawner labels; "
             "stop it (docker stop) and start again: it is then kept, files and all",
@@ -289,13 +283,13 @@ def plan(
                         events=tuple(events))
         reason, words = why
         if reason in _GPU_REASONS and req.on_gpu_lost == "fail":
-            return _refusal(
+            return Refusal(
                 GPU_LOST,
                 f"{words}. Your server was not started; its files are safe. Ask an admin, or "
                 "set up a fresh server (it will get another device)",
             )
         if existing.docker_status in _DOCKER_RUNNING:
-            return _refusal(
+            return Refusal(
                 BUSY,
                 f"your server's container {existing.name} is still running but must be "
                 f"replaced ({words}); stop the server and start it again",
@@ -320,7 +314,7 @@ def plan(
         chosen = ports.choose(wanted, tuple(req.port_range), _others_ports(snap, own), previous,
                               port_free)
     except ports.PortsExhausted as exc:
-        return _refusal(PORTS, str(exc))
+        return Refusal(PORTS, str(exc))
 
     assert req.now is not None, "SpawnRequest.now is set by the spawner"
     labelset = labels.encode(

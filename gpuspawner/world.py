@@ -25,7 +25,7 @@ from typing import Any
 
 from . import inventory
 from .admin import DEFAULT_HUB_ID
-from .ledger import Ledger, connect, remove_stopped, save
+from .ledger import RELEASABLE_STATUSES, Ledger, connect, remove_stopped, save
 from .policy import Policy, PolicyFile
 from .records import Allocation, Inventory
 from .snapshot import Snapshot, take
@@ -35,7 +35,6 @@ from .snapshot import Snapshot, take
 DEFAULT_START_TIMEOUT = 60.0
 #: The only Docker states in which a container may be released: stopped for good. Never
 #: ``created`` (a spawn in flight, about to start), never running, paused or restarting.
-RELEASABLE_STATUSES = frozenset({"exited", "dead"})
 
 
 class ReleaseRefused(RuntimeError):
@@ -134,7 +133,8 @@ class World:
             return snap
 
     def release(self, container_id: str) -> Allocation:
-        """Remove a stopped container of this hub, volumes kept, and forget what was
+        """Save a stopped container of this hub to an image, then remove it (volumes kept:
+        the user's next start is made from the image), and forget what was
         cached of it so the next snapshot shows the device free. Returns the container as
         read just before.
 
