@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 
-from .profiles import Profile
+from .profiles import OPTION_PREFIX, UNLISTED, UNLISTED_SUFFIX, Profile, ProfileOption
 
 
 def availability(
@@ -34,29 +34,68 @@ def availability(
     return f"{label}: {have} of {total} free", False
 
 
+def _option(profile: Profile, option: ProfileOption, picked: str | None,
+            disabled: str) -> str:
+    """A profile option as KubeSpawner's form sends it: a ``<select>`` named
+    ``profile-option-<slug>--<name>`` (with "Other…" where free text is allowed) and the
+    free text in ``…--unlisted-choice``."""
+    field = f"{OPTION_PREFIX}{profile.slug}--{option.name}"
+    e = html.escape
+    listed = picked if option.choice(picked or "") else None
+    text = picked if picked and listed is None and option.unlisted else ""
+    parts = [f'<div class="gpuspawner-option ms-4 mb-1" data-option="{e(option.name)}">',
+             f'<label class="small me-2" for="{e(field)}">{e(option.display_name)}</label>']
+    if option.choices:
+        now = listed or (UNLISTED if text else option.default)
+        rows = [f'<option value="{e(c.name)}"{" selected" if c.name == now else ""}>'
+                f"{e(c.display_name)}</option>" for c in option.choices]
+        if option.unlisted is not None:
+            rows.append(f'<option value="{UNLISTED}"{" selected" if now == UNLISTED else ""}>'
+                        f"{e(option.unlisted.display_name_in_choices)}</option>")
+        parts.append(f'<select class="form-select form-select-sm d-inline-block w-auto" '
+                     f'id="{e(field)}" name="{e(field)}" {disabled}>{"".join(rows)}</select>')
+    if option.unlisted is not None:
+        hint = option.unlisted.validation_message or option.unlisted.display_name
+        labelled = "" if option.choices else f' id="{e(field)}"'  # the label's target
+        parts.append(
+            f'<input type="text" class="form-control form-control-sm d-inline-block w-auto"'
+            f'{labelled} name="{e(field + UNLISTED_SUFFIX)}" value="{e(text)}" '
+            f'placeholder="{e(hint)}" aria-label="{e(option.unlisted.display_name)}" '
+            f'{disabled}>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def render(
     profiles: Sequence[Profile],
     free: Mapping[str, tuple[int, int]],
     has_gpus: bool,
     trouble: str | None,
     chosen: str,
+    picked: Mapping[str, str] | None = None,
 ) -> str:
-    """One radio button per profile; full profiles are shown disabled, with the reason."""
+    """One radio button per profile, each with its options; full profiles are shown
+    disabled, with the reason. ``picked``: the last choices of the chosen profile."""
     rows = []
     for profile in profiles:
         note, full = availability(profile, free, has_gpus, trouble)
         checked = "checked" if profile.slug == chosen and not full else ""
         disabled = "disabled" if full else ""
+        mine = (picked or {}) if profile.slug == chosen else {}
+        options = "".join(_option(profile, o, mine.get(o.name), disabled)
+                          for o in profile.options)
         rows.append(
             f"""
-  <label class="list-group-item gpuspawner-profile{' text-muted' if full else ''}">
-    <input type="radio" class="form-check-input me-2" name="profile"
-           value="{html.escape(profile.slug)}" {checked} {disabled}>
-    <strong>{html.escape(profile.display_name)}</strong>
-    <span class="badge {'bg-secondary' if full else 'bg-success'} ms-2"
-          data-free="{html.escape(note)}">{html.escape(note)}</span>
-    <div class="small">{html.escape(profile.description)}</div>
-  </label>"""
+  <div class="list-group-item gpuspawner-profile{' text-muted' if full else ''}">
+    <label class="d-block">
+      <input type="radio" class="form-check-input me-2" name="profile"
+             value="{html.escape(profile.slug)}" {checked} {disabled}>
+      <strong>{html.escape(profile.display_name)}</strong>
+      <span class="badge {'bg-secondary' if full else 'bg-success'} ms-2"
+            data-free="{html.escape(note)}">{html.escape(note)}</span>
+      <div class="small">{html.escape(profile.description)}</div>
+    </label>{options}
+  </div>"""
         )
     return '<div class="list-group gpuspawner-profiles">' + "".join(rows) + "\n</div>"
 

@@ -465,6 +465,8 @@ def remove_stopped(client: docker.DockerClient | docker.APIClient, container_id:
 
 #: Repository of the images a user's container is saved to before gpuspawner removes it.
 SAVED_REPOSITORY = "gpuspawner-saved"
+#: Copies kept for the user but not started from (the user chose another image since).
+KEPT_REPOSITORY = "gpuspawner-kept"
 
 
 def save(
@@ -476,6 +478,7 @@ def save(
     server: str,
     reason: str,
     now: datetime | None = None,
+    kept: bool = False,
 ) -> str:
     """Commit a container to an image before it is removed, so nothing the user made outside
     volumes (files, installed packages) is lost; returns the image's ``repository:tag``.
@@ -483,7 +486,9 @@ def save(
     The image is labelled with whose it is (``ds01.hub``/``ds01.user``/``ds01.server``), and
     the labels that would otherwise pass from the old container into a new one made from the
     image (its device, allocation time and ports) are blanked: a new container's devices come
-    only from its own allocation.
+    only from its own allocation. ``kept``: a copy for the user that no later start takes
+    (``gpuspawner-kept/…``), made when the user chose another image: the new container runs
+    that image, and what the old one held stays on disk.
     """
     api = getattr(client, "api", client)
     now = now or datetime.now(timezone.utc)
@@ -493,7 +498,7 @@ def save(
              or k in (L.GPU_UUID, L.GPU_ALLOCATED_AT)}
     stamp = now.strftime("%Y%m%d%H%M%S")
     name = (attrs.get("Name") or container_id[:12]).lstrip("/")
-    repository = f"{SAVED_REPOSITORY}/{name.lower()}"
+    repository = f"{KEPT_REPOSITORY if kept else SAVED_REPOSITORY}/{name.lower()}"
     api.commit(
         container_id,
         repository=repository,

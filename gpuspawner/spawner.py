@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -31,13 +31,17 @@ from .events import EventLog
 from .ledger import Ledger, LedgerError
 from .policy import Policy, PolicyError, PolicyFile
 from .profiles import (
+    DEFAULT,
+    Chosen,
     Profile,
     ProfileError,
     ProfileRefused,
     default_of,
+    from_form,
     parse_profiles,
     permitted,
     resolve,
+    with_images,
 )
 from .progress import Progress
 from .records import Inventory
@@ -81,13 +85,15 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     _engine_checked: ClassVar[bool] = False
 
-    #: What a profile may override: kept as configured, so each spawn starts from the config
-    #: (the spawner object lives on between a server's spawns).
+    #: What a profile (or a choice in it) may override. The spawner object lives on between
+    #: a server's spawns, so each spawn first puts back what the last one set (unless
+    #: something else, a pre-spawn hook say, set it since).
     _OVERRIDDEN = ("image", "mem_limit", "cpu_limit", "environment")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._configured = {name: getattr(self, name) for name in self._OVERRIDDEN}
+        #: name -> (the value before the last spawn's overrides, the value they set)
+        self._applied: dict[str, tuple[Any, Any]] = {}
         self._reset_progress()
         if not GPUSpawner._engine_checked:
             GPUSpawner._engine_checked = True
@@ -209,28 +215,46 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             raise refuse(message, "profiles", 500) from exc
 
     async def user_profiles(self) -> list[Profile]:
-        """The profiles this user may choose (the policy decides)."""
+        """The profiles this user may choose (the policy decides), each with its options
+        (DockerSpawner's ``allowed_images`` among them); the CPU default without a
+        ``profile_list``."""
         profiles = await self._profiles()
-        limits = self.load_policy().for_user(self.user.name, self._groups()).limits
-        return permitted(profiles, limits)
+        if profiles:
+            limits = self.load_policy().for_user(self.user.name, self._groups()).limits
+            profiles = permitted(profiles, limits)
+        else:
+            profiles = [DEFAULT]
+        return with_images(profiles, self._get_allowed_images(), self._unapplied("image"))
 
     async def _render_options_form(self) -> str:
         try:
+            everything = await self._profiles()
             profiles = await self.user_profiles()
         except web.HTTPError as exc:
             return form.error(str(exc.log_message))
         if not profiles:
-            return ""
+            return form.error("Your policy allows none of this hub's profiles; ask an admin.")
+        if not everything and not profiles[0].options:
+            return ""  # DockerSpawner's server, nothing to choose
         try:
             snap = await self.snapshot()
             free, has_gpus, trouble = snap.free_by_profile(), bool(snap.inventory.gpus), None
         except web.HTTPError as exc:
             free, has_gpus, trouble = {}, True, exc.log_message
-        chosen = (self.user_options or {}).get("profile") or default_of(profiles).slug
-        return form.render(profiles, free, has_gpus, trouble, chosen)
+        last = dict(self.user_options or {})
+        chosen = last.get("profile") or default_of(profiles).slug
+        try:  # the last spawn's choices, shown again
+            picked = dict(resolve(last, profiles, everything).choices)
+        except ProfileRefused:
+            picked = {}
+        return form.render(profiles, free, has_gpus, trouble, chosen, picked)
 
     @default("options_form")
-    def _default_options_form(self) -> Callable[[Any], Any]:
+    def _default_options_form(self) -> Any:
+        if not self.profile_list:
+            # No profiles: DockerSpawner's own form (its allowed_images picker, or none).
+            return super()._default_options_form()
+
         async def options_form(spawner: GPUSpawner) -> str:
             return await spawner._render_options_form()
 
@@ -238,24 +262,32 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     @default("options_from_form")
     def _default_options_from_form(self) -> Callable[[dict[str, list[str]]], dict[str, Any]]:
-        def options_from_form(formdata: dict[str, list[str]]) -> dict[str, Any]:
-            slug = (formdata.get("profile") or [""])[0]
-            return {"profile": slug} if slug else {}
+        return from_form
 
-        return options_from_form
-
-    async def resolve_profile(self) -> Profile:
-        """The profile of ``user_options`` (``profiles.resolve``: a permitted slug only)."""
+    async def resolve_options(self) -> Chosen:
+        """What ``user_options`` ask for (``profiles.resolve``): a permitted profile and the
+        choices it offers; devices, ports and labels never come from the user."""
         try:
-            return resolve(dict(self.user_options or {}), await self.user_profiles(),
-                           await self._profiles())
+            chosen = resolve(dict(self.user_options or {}), await self.user_profiles(),
+                             await self._profiles())
         except ProfileRefused as exc:
             raise refuse(exc.message, exc.code, exc.status) from exc
+        if chosen.passed:
+            self.log.info("%s: options %s passed through unread (a site's own form)",
+                          self._log_name, ", ".join(chosen.passed))
+        return chosen
 
-    def _apply_overrides(self, profile: Profile) -> None:
-        for name, value in self._configured.items():  # the last spawn's profile is gone
+    def _unapplied(self, name: str) -> Any:
+        """A trait's value without the last spawn's override (what the config, or a hook since,
+        says)."""
+        value = getattr(self, name)
+        before, applied = self._applied.get(name, (value, value))
+        return before if value == applied else value
+
+    def _apply_overrides(self, overrides: Mapping[str, Any]) -> None:
+        base = {name: self._unapplied(name) for name in self._OVERRIDDEN}
+        for name, value in base.items():
             setattr(self, name, value)
-        overrides = profile.overrides
         if "image" in overrides:
             self.image = overrides["image"]
         if "mem_limit" in overrides:
@@ -266,6 +298,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             env = dict(self.environment) if isinstance(self.environment, dict) else {}
             env.update(overrides["environment"])
             self.environment = env
+        self._applied = {name: (base[name], getattr(self, name)) for name in self._OVERRIDDEN}
 
     def _wanted_ports(self, profile: Profile) -> dict[str, int]:
         wanted = self.ports(self) if callable(self.ports) else dict(self.ports)
@@ -348,13 +381,16 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             type(self)._client = None  # reconnect on the next call
             raise docker_down(exc) from exc
         finally:
+            if "image" in self._applied:  # what was chosen, not the saved copy it ran from
+                self.image = self._applied["image"][1]
             self._steps.finish()
             self._plan = None
             self._waiters.leave(self._log_name)
 
     async def _start(self):
-        profile = await self.resolve_profile()
-        self._apply_overrides(profile)
+        chosen = await self.resolve_options()
+        profile = chosen.profile
+        self._apply_overrides(chosen.overrides)
         # The slug in user_options is what JupyterHub's admin panel shows for the server.
         self.user_options = {**(self.user_options or {}), "profile": profile.slug}
         if getattr(self, "orm_spawner", None) is not None:
@@ -408,9 +444,10 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         """The plain data ``spawnplan.plan`` decides on: this server's existing container as
         Docker shows it, and the saved image of its last container."""
         obj = await self.get_object()
+        config = (obj or {}).get("Config") or {}
         existing = None if obj is None else spawnplan.Existing(
             obj["Id"], obj["Name"].lstrip("/"), (obj.get("State") or {}).get("Status", ""),
-            labels.decode((obj.get("Config") or {}).get("Labels")),
+            labels.decode(config.get("Labels")), spawnplan.chosen_image(config.get("Env")),
         )
         saved = None
         if obj is None and not self.remove:
@@ -422,7 +459,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             gpus=profile.gpus, groups=tuple(self._groups()), existing=existing,
             ports=tuple(sorted(wanted.items())), port_range=tuple(self.port_range),
             on_gpu_lost=self.on_gpu_lost, replace_with=self.replace_with, remove=self.remove,
-            strategy=self.allocation_strategy, saved_image=saved,
+            strategy=self.allocation_strategy, saved_image=saved, image=self.image,
             now=datetime.now(timezone.utc),
         )
 
@@ -450,10 +487,12 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self.object_id = plan.existing or ""
             self._reuse_token(await self.get_object())
             return plan
-        old_name = None
+        old_name, saved = None, None
         if plan.replaced is not None:
             if plan.replaced.save:
-                self.image = await self._save(plan.replaced)
+                saved = await self._save(plan.replaced)
+                if plan.replaced.carried:  # else the new image was chosen; the copy is kept
+                    self.image = saved
             old_name = f"{plan.replaced.container_name}-replaced-{plan.replaced.container_id[:12]}"
             await self.docker("rename", plan.replaced.container_id, old_name)
         elif plan.image:
@@ -465,8 +504,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             if old_name is not None:  # put the old container back: nothing changed
                 await self.docker("rename", plan.replaced.container_id,
                                   plan.replaced.container_name)
-                if plan.replaced.save:  # the copy is not needed: the container is back
-                    await self._run(ledger_mod.claim, self.client, self.image)
+                if saved is not None:  # the copy is not needed: the container is back
+                    await self._run(ledger_mod.claim, self.client, saved)
             raise
         self.object_id = obj[self.object_id_key]
         self.event_log.write(
@@ -488,7 +527,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         try:
             image = await self._run(
                 ledger_mod.save, self.client, removal.container_id, hub=self.hub_id,
-                user=removal.user or "", server=removal.server, reason=removal.reason)
+                user=removal.user or "", server=removal.server, reason=removal.reason,
+                kept=not removal.carried)
         except docker.errors.APIError as exc:
             raise refuse(
                 f"Your server's container could not be saved before it is replaced ({exc}); "

@@ -33,6 +33,7 @@ REPLACE = "replace"  # a new container in place of the server's own, without los
 GPU_GONE = "gpu-gone"  # its device no longer exists (MIG re-created, GPU removed)
 GPU_GIVEN_AWAY = "gpu-given-away"  # its device went to someone else after the hold
 PROFILE_CHANGED = "profile-changed"
+IMAGE_CHANGED = "image-changed"
 PORTS_CHANGED = "ports-changed"
 PORT_TAKEN = "port-taken"
 UNLABELLED = "unlabelled"  # made before gpuspawner (a lab switching from DockerSpawner)
@@ -65,6 +66,9 @@ class Existing(JSONRecord):
     name: str
     docker_status: str
     labels: LabelRecord
+    #: The image the user chose for it (``GPUSPAWNER_IMAGE`` in its environment); None for
+    #: a container made before gpuspawner wrote it, or by another spawner.
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ class SpawnRequest(JSONRecord):
     #: A saved image of this server's last container (committed when it was removed).
     saved_image: str | None = None
     now: datetime | None = None
+    #: The image the profile and the user's choices give (a saved copy is not this).
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,9 @@ class Removal(JSONRecord):
     #: The server it belongs to (a saved image is labelled with it, for that server's next
     #: start).
     server: str = ""
+    #: A replaced container: the new one is made from its saved copy. False when the user
+    #: chose another image: the copy is kept (``gpuspawner-kept/…``), not started from.
+    carried: bool = True
 
 
 @dataclass(frozen=True)
@@ -180,12 +189,15 @@ def merge(admin: Mapping[str, Any] | None, ours: Mapping[str, Any]) -> dict[str,
 
 
 def environment(uuids: Sequence[str], host_ports: Mapping[str, int], profile: str,
-                slots: Sequence[str]) -> tuple[tuple[str, str], ...]:
+                slots: Sequence[str], image: str | None = None) -> tuple[tuple[str, str], ...]:
     """The variables every new container gets. ``NVIDIA_VISIBLE_DEVICES`` is exactly its
     devices, or ``void`` for a CPU server: on a host whose default runtime is ``nvidia``, or
-    with an image that sets ``all``, anything else would let a CPU server see every GPU."""
+    with an image that sets ``all``, anything else would let a CPU server see every GPU.
+    ``GPUSPAWNER_IMAGE`` is the image the user chose (read back by ``chosen_image``)."""
     env = [("NVIDIA_VISIBLE_DEVICES", ",".join(uuids) or "void"),
            ("GPUSPAWNER_PROFILE", profile), ("GPUSPAWNER_GPU", ",".join(slots))]
+    if image:
+        env.append(("GPUSPAWNER_IMAGE", image))
     env += [(f"GPUSPAWNER_PORT_{name.upper().replace('-', '_')}", str(port))
             for name, port in sorted(host_ports.items())]
     return tuple(env)
@@ -272,7 +284,7 @@ def plan(
 
     wanted = dict(req.ports)
     if existing is not None and ours and own is not None:
-        why = _cannot_reuse(snap, own, req, choice, wanted, port_free)
+        why = _cannot_reuse(snap, own, existing, req, choice, wanted, port_free)
         if why is None:
             progress.append((40, f"Keeping {choice.describe()} (same as before)"))
             events.append(Event("gpu.keep", (("container", existing.name),
@@ -300,7 +312,8 @@ def plan(
                 ("container", existing.name), ("old", list(own.uuids)),
                 ("new", list(choice.uuids)), ("reason", words))))
         replaced = Removal(existing.container_id, existing.name, reason, req.user,
-                           req.replace_with == _SAVE, req.server)
+                           req.replace_with == _SAVE, req.server,
+                           carried=not _image_changed(existing, req))
     elif unlabelled:
         words = "the old container was made before gpuspawner"
         progress.append((35, f"{words}: replacing the container; your files are kept"))
@@ -344,10 +357,24 @@ def plan(
         labels=tuple(sorted(labelset.items())),
         device_ids=choice.uuids,
         ports=tuple((name, wanted[name], port) for name, port in sorted(chosen.items())),
-        environment=environment(choice.uuids, chosen, req.profile, choice.slots),
+        environment=environment(choice.uuids, chosen, req.profile, choice.slots,
+                                req.image),
         progress=tuple(progress),
         events=tuple(events),
     )
+
+
+def _image_changed(existing: Existing, req: SpawnRequest) -> bool:
+    return bool(req.image and existing.image and existing.image != req.image)
+
+
+def chosen_image(env: Sequence[str] | None) -> str | None:
+    """The image a container's user chose, from its ``GPUSPAWNER_IMAGE`` (Docker's
+    ``Config.Env``; ``Config.Image`` names the saved copy it may have been made from)."""
+    for line in env or ():
+        if line.startswith("GPUSPAWNER_IMAGE="):
+            return line.split("=", 1)[1] or None
+    return None
 
 
 def _others_ports(snap: Snapshot, own: Allocation | None) -> frozenset[int]:
@@ -360,6 +387,7 @@ def _others_ports(snap: Snapshot, own: Allocation | None) -> frozenset[int]:
 def _cannot_reuse(
     snap: Snapshot,
     own: Allocation,
+    existing: Existing,
     req: SpawnRequest,
     choice: Choice,
     wanted: Mapping[str, int],
@@ -368,6 +396,8 @@ def _cannot_reuse(
     """Why the server's own container cannot simply start again: (reason, words), or None."""
     if own.profile != req.profile:
         return PROFILE_CHANGED, f"Profile changed from {own.profile} to {req.profile}"
+    if _image_changed(existing, req):
+        return IMAGE_CHANGED, f"Image changed from {existing.image} to {req.image}"
     if set(own.uuids) != set(choice.uuids):
         present = snap.inventory.by_uuid()
         gone = [u for u in own.uuids if u not in present]

@@ -45,7 +45,12 @@ class GPUSpawnerTraits(Configurable):
         ``description``, ``default`` (bool), ``gpu`` (``{"mig_profile": "1g.10gb"}``,
         ``{"gpus": 2}`` for whole GPUs, or absent for CPU only), and ``overrides`` with any of
         ``image``, ``mem_limit``, ``cpu_limit``, ``environment`` (dict) and ``ports``
-        (dict name -> container port, added to ``ports``).
+        (dict name -> container port, added to ``ports``); KubeSpawner's
+        ``kubespawner_override`` is accepted for ``overrides``. ``profile_options``, in
+        KubeSpawner's shape (``{name: {display_name, choices: {choice: {display_name,
+        default, kubespawner_override}}, unlisted_choice: {enabled, validation_regex, …}}}``),
+        offers choices inside a profile (an image, a memory size); DockerSpawner's
+        ``allowed_images`` becomes an image choice in every profile without its own image.
 
         May be a callable ``f(spawner) -> list`` (may be async) for per-user lists. Profiles
         the user's policy forbids are not offered. With no profiles, the server is CPU only.""",

@@ -289,7 +289,8 @@ class PrivateEngine:
             except docker.errors.NotFound:
                 pass
         # Images gpuspawner saved users' containers to: a later test must not start from them.
-        for image in api.images(name="gpuspawner-saved/*"):
+        saved = api.images(name="gpuspawner-saved/*") + api.images(name="gpuspawner-kept/*")
+        for image in saved:
             for tag in image.get("RepoTags") or []:
                 try:
                     api.remove_image(tag, force=True)

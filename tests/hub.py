@@ -291,8 +291,10 @@ c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
         server: str = "",
         wait: bool = True,
         timeout: float = 120,
+        options: dict[str, Any] | None = None,
     ) -> requests.Response:
-        """Start a server through the API; with ``wait``, until it is ready.
+        """Start a server through the API; with ``wait``, until it is ready. ``options``:
+        more ``user_options`` beside the profile (an image choice, a site's own field).
 
         A refusal the hub answers at once (4xx/5xx) is returned for the test to inspect. A
         spawn accepted and failing later raises HubError with the hub's failure message. The
@@ -300,6 +302,8 @@ c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
         """
         self.ensure_user(user)
         body = {"profile": profile} if profile is not None else None
+        if options:
+            body = {**(body or {}), **options}
         response = self.api("POST", self._server_path(user, server), json=body)
         self.last_progress = []
         if not wait or response.status_code >= 400:

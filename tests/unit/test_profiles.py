@@ -36,7 +36,22 @@ def test_parse_and_defaults():
 @pytest.mark.parametrize(
     "entry, fragment",
     [
-        ({"slug": "x", "kubespawner_override": {}}, "unknown key(s) kubespawner_override"),
+        ({"slug": "x", "kube_override": {}}, "unknown key(s) kube_override"),
+        ({"slug": "x", "kubespawner_override": {"privileged": True}},
+         "unknown override(s) privileged"),
+        ({"slug": "x", "overrides": {"image": "a"}, "kubespawner_override": {"image": "b"}},
+         "not both"),
+        ({"slug": "x", "profile_options": {"image": {"choices": {}}}}, "has no choices"),
+        ({"slug": "x", "profile_options": {"image": {"choices": {"a": {
+            "kubespawner_override": {"gpus": 4}}}}}}, "unknown override(s) gpus"),
+        ({"slug": "x", "profile_options": {"image": {"choices": {"a": {"default": True},
+                                                                 "b": {"default": True}}}}},
+         "two choices are the default"),
+        ({"slug": "x", "profile_options": {"image": {"unlisted_choice": {
+            "enabled": True, "validation_regex": "(", "kubespawner_override": {
+                "image": "{value}"}}}}}, "does not compile"),
+        ({"slug": "x", "profile_options": {"bad name!": {"choices": {"a": {}}}}},
+         "an option name is"),
         ({"slug": "x", "gpu": {"mig_profile": "1g.10gb", "gpus": 1}}, "not both"),
         ({"slug": "x", "gpu": {"gpus": -1}}, "whole number"),
         ({"slug": "x", "gpu": {"count": 1}}, "gpu must be"),
@@ -72,12 +87,18 @@ def test_resolve_takes_a_permitted_slug_and_nothing_else():
 
     profiles = parse_profiles(PROFILES)
     allowed = permitted(profiles, limits(allow_full_gpu=False))
-    assert resolve({}, allowed, profiles).slug == "mig-1g"  # the default
-    assert resolve({"profile": "mig-1g"}, allowed, profiles).slug == "mig-1g"
+    assert resolve({}, allowed, profiles).profile.slug == "mig-1g"  # the default
+    assert resolve({"profile": "mig-1g"}, allowed, profiles).profile.slug == "mig-1g"
     refusals = [
         ({"profile": "two-gpus"}, "profile", 400, "Profiles you may choose: cpu, mig-1g"),
         ({"profile": "mig-1g", "device_ids": ["GPU-x"]}, "options", 400, "device_ids"),
         ({"image": "evil"}, "options", 400, "come with the profile"),
+        ({"profile": "cpu", "ports": {"ssh": 22}}, "options", 400, "ports"),
+        ({"profile": "cpu", "gpu_count": 2}, "options", 400, "gpu_count"),
+        ({"profile": "cpu", "ds01.user": "bob"}, "options", 400, "ds01.user"),
+        ({"profile": "cpu", "labels": {}}, "options", 400, "labels"),
+        ({"profile": "cpu", "profile-option-size": "big"}, "options", 400,
+         "profile-option-size"),
     ]
     for options, code, status, words in refusals:
         with pytest.raises(ProfileRefused) as info:
@@ -87,4 +108,139 @@ def test_resolve_takes_a_permitted_slug_and_nothing_else():
     with pytest.raises(ProfileRefused) as info:
         resolve({}, [], profiles)  # the policy allows none of them
     assert info.value.status == 403
-    assert resolve({}, [], []).slug == "default"  # no profiles at all: a CPU server
+    assert resolve({}, [], []).profile.slug == "default"  # no profiles at all: a CPU server
+
+
+# KubeSpawner's documented shape, as a KubeSpawner admin writes it.
+KUBE = [
+    {
+        "display_name": "GPU",
+        "slug": "gpu",
+        "gpu": {"mig_profile": "1g.10gb"},
+        "kubespawner_override": {"mem_limit": "8G"},
+        "profile_options": {
+            "image": {
+                "display_name": "Image",
+                "choices": {
+                    "pytorch": {"display_name": "PyTorch",
+                                "kubespawner_override": {"image": "lab/pytorch:2"}},
+                    "tf": {"display_name": "TensorFlow", "default": True,
+                           "overrides": {"image": "lab/tf:2", "environment": {"FW": "tf"}}},
+                },
+                "unlisted_choice": {
+                    "enabled": True,
+                    "display_name": "Image location",
+                    "validation_regex": "^pangeo/.*$",
+                    "validation_message": "must be a pangeo image",
+                    "kubespawner_override": {"image": "{value}",
+                                             "environment": {"CUSTOM": "{value}"}},
+                },
+            },
+            "memory": {"display_name": "Memory", "choices": {
+                "small": {"kubespawner_override": {"mem_limit": "4G"}},
+                "large": {"kubespawner_override": {"mem_limit": "32G"}},
+            }},
+        },
+    },
+    {"display_name": "CPU", "slug": "cpu", "overrides": {"image": "lab/cpu:1"}},
+]
+
+
+def test_profile_options_in_kubespawners_shape():
+    from gpuspawner.profiles import ProfileRefused, resolve
+
+    profiles = parse_profiles(KUBE)
+    gpu = profiles[0]
+    assert [o.name for o in gpu.options] == ["image", "memory"]
+    assert gpu.option("memory").default == "small"  # no default given: the first choice
+    # Nothing chosen: each option's default; the profile's own overrides underneath.
+    chosen = resolve({"profile": "gpu"}, profiles, profiles)
+    assert dict(chosen.choices) == {"image": "tf", "memory": "small"}
+    assert chosen.overrides == {"mem_limit": "4G", "image": "lab/tf:2",
+                                "environment": {"FW": "tf"}}
+    # KubeSpawner's REST shape, and the issue's profile-option-<name> spelling.
+    for options in ({"profile": "gpu", "image": "pytorch", "memory": "large"},
+                    {"profile": "gpu", "profile-option-image": "pytorch",
+                     "profile-option-memory": "large"}):
+        chosen = resolve(options, profiles, profiles)
+        assert chosen.image == "lab/pytorch:2" and chosen.overrides["mem_limit"] == "32G"
+    # Free text, where the admin allows it, through {value}.
+    for options in ({"profile": "gpu", "image--unlisted-choice": "pangeo/base:1"},
+                    {"profile": "gpu", "image": "unlisted_choice",
+                     "image--unlisted-choice": "pangeo/base:1"},
+                    {"profile": "gpu", "image": "pangeo/base:1"}):
+        chosen = resolve(options, profiles, profiles)
+        assert chosen.image == "pangeo/base:1"
+        assert chosen.overrides["environment"] == {"CUSTOM": "pangeo/base:1"}
+    # Anything not offered: a 400 that names what may be chosen.
+    for options, words in [
+        ({"profile": "gpu", "image": "evil/miner"},
+         "You may choose: pytorch, tf or text matching ^pangeo/.*$"),
+        ({"profile": "gpu", "image--unlisted-choice": "evil/miner"}, "must be a pangeo image"),
+        ({"profile": "gpu", "image--unlisted-choice": "pangeo/x y"}, "You may choose"),
+        ({"profile": "gpu", "memory": "huge"}, "You may choose: small, large."),
+        ({"profile": "gpu", "memory": ["large"]}, "must be text"),
+        ({"profile": "cpu", "image": "pytorch"}, "come with the profile"),
+    ]:
+        with pytest.raises(ProfileRefused) as info:
+            resolve(options, profiles, profiles)
+        assert info.value.status == 400 and words in info.value.message, info.value.message
+
+
+def test_allowed_images_become_an_image_choice():
+    from gpuspawner.profiles import ProfileRefused, resolve, with_images
+
+    images = {"4.0": "quay.io/jupyterhub/singleuser:4.0", "4": "quay.io/jupyterhub/singleuser:4"}
+    plain = parse_profiles([{"display_name": "CPU", "slug": "cpu"},
+                            {"display_name": "Own", "slug": "own",
+                             "overrides": {"image": "lab/own:1"}}])
+    offered = with_images(plain, images, "lab/configured:1")
+    cpu, own = offered
+    assert [c.name for c in cpu.option("image").choices] == ["4.0", "4"]
+    assert own.options == ()  # a profile with its own image keeps it
+    # DockerSpawner's meaning: a name from the list; nothing: the configured image.
+    assert resolve({"image": "4.0"}, offered, plain).image == images["4.0"]
+    assert resolve({}, offered, plain).image is None
+    for options in ({"image": images["4.0"]},  # the image, not its name
+                    {"profile": "own", "image": "4.0"}):
+        with pytest.raises(ProfileRefused) as info:
+            resolve(options, offered, plain)
+        assert info.value.status == 400
+    # Configured image among the allowed: it is the default choice.
+    assert with_images(plain, images, images["4"])[0].option("image").default == "4"
+    # "*": any image, as DockerSpawner allows it.
+    anything = with_images(plain, "*", "lab/configured:1")
+    assert resolve({"image": "x/y:z"}, anything, plain).image == "x/y:z"
+    assert with_images(plain, {}, "x") == plain and with_images(plain, None, "x") == plain
+    # Without allowed_images, {"image": …} stays refused.
+    with pytest.raises(ProfileRefused):
+        resolve({"image": "4.0"}, plain, plain)
+
+
+def test_a_sites_own_options_pass_through_unread():
+    from gpuspawner.profiles import resolve
+
+    profiles = parse_profiles(KUBE)
+    chosen = resolve({"profile": "cpu", "site_option": "x", "course": "ml101"}, profiles,
+                     profiles)
+    assert chosen.passed == ("course", "site_option")
+    assert chosen.overrides == {"image": "lab/cpu:1"}  # they decide nothing
+
+
+def test_form_fields_become_user_options_as_in_kubespawner():
+    from gpuspawner.profiles import from_form
+
+    form = {
+        "profile": ["gpu"],
+        "profile-option-gpu--image": ["pytorch"],
+        "profile-option-gpu--image--unlisted-choice": ["pangeo/typed-then-changed"],
+        "profile-option-gpu--memory": ["large"],
+        "profile-option-cpu--image": ["other-profile"],  # not the chosen profile
+    }
+    assert from_form(form) == {"profile": "gpu", "image": "pytorch", "memory": "large"}
+    form["profile-option-gpu--image"] = ["unlisted_choice"]
+    assert from_form(form) == {"profile": "gpu", "image": "unlisted_choice",
+                               "image--unlisted-choice": "pangeo/typed-then-changed",
+                               "memory": "large"}
+    assert from_form({"image": ["1.0", "1.1"]}) == {"image": "1.0"}  # DockerSpawner's form
+    assert from_form({}) == {}

@@ -102,18 +102,18 @@ async def test_only_a_permitted_profile_slug_is_accepted(monkeypatch):
     policy = parse_policy("defaults: {allowed_profiles: [cpu, mig-1g]}\n")
     spawner = make_spawner(monkeypatch, policy=policy)
     spawner.user_options = {"profile": "mig-1g"}
-    assert (await spawner.resolve_profile()).slug == "mig-1g"
+    assert (await spawner.resolve_options()).profile.slug == "mig-1g"
     spawner.user_options = {}
-    assert (await spawner.resolve_profile()).slug == "mig-1g"  # the default
+    assert (await spawner.resolve_options()).profile.slug == "mig-1g"  # the default
     for bad in ({"profile": "mig-3g"}, {"profile": "nope"}):
         spawner.user_options = bad
         with pytest.raises(web.HTTPError) as info:
-            await spawner.resolve_profile()
+            await spawner.resolve_options()
         assert info.value.status_code == 400
         assert "Profiles you may choose: cpu, mig-1g." in info.value.log_message
     spawner.user_options = {"profile": "cpu", "image": "evil:latest", "device_ids": ["0"]}
-    with pytest.raises(web.HTTPError, match="Only a profile can be chosen") as info:
-        await spawner.resolve_profile()
+    with pytest.raises(web.HTTPError, match="device_ids, image cannot be chosen") as info:
+        await spawner.resolve_options()
     assert info.value.status_code == 400
 
 
@@ -121,6 +121,33 @@ def test_options_from_form():
     spawner = GPUSpawner(user=SimpleNamespace(name="ann"))
     assert spawner.options_from_form({"profile": ["mig-1g"]}) == {"profile": "mig-1g"}
     assert spawner.options_from_form({}) == {}
+    assert spawner.options_from_form(
+        {"profile": ["mig-1g"], "profile-option-mig-1g--image": ["4.0"]}
+    ) == {"profile": "mig-1g", "image": "4.0"}
+
+
+async def test_allowed_images_are_offered_inside_each_profile(monkeypatch):
+    images = {"Lab <4.0>": "lab/singleuser:4.0", "4": "lab/singleuser:4"}
+    spawner = make_spawner(monkeypatch, image="lab/singleuser:4", allowed_images=images)
+    form = await spawner._render_options_form()
+    assert 'name="profile-option-mig-1g--image"' in form
+    assert '<option value="4" selected>4</option>' in form  # the configured image
+    assert "Lab &lt;4.0&gt;" in form and "Lab <4.0>" not in form
+    spawner.user_options = {"profile": "cpu", "image": "Lab <4.0>"}
+    chosen = await spawner.resolve_options()
+    assert chosen.image == "lab/singleuser:4.0"
+    # The last choice is shown again next time.
+    again = await spawner._render_options_form()
+    assert '<option value="Lab &lt;4.0&gt;" selected>' in again
+
+
+def test_without_profiles_the_form_is_dockerspawners():
+    user = SimpleNamespace(name="ann")
+    one = GPUSpawner(user=user, allowed_images={"1.0": "x:1.0"})
+    assert one.options_form == ""  # one image: nothing to choose, as DockerSpawner
+    two = GPUSpawner(user=user, allowed_images={"1.0": "x:1.0", "1.1": "x:1.1"})
+    assert two.options_form == DockerSpawner(allowed_images=two.allowed_images).options_form
+    assert callable(GPUSpawner(user=user, profile_list=PROFILES).options_form)
 
 
 def test_transient_docker_failures_are_retried(monkeypatch):
@@ -169,18 +196,14 @@ def test_docker_times_compare_in_time_order():
 
 def test_each_spawn_starts_from_the_configured_image_and_limits(monkeypatch):
     """The spawner object lives on between a server's spawns: a profile's (or a saved
-    copy's) image must not stick to the next spawn with another profile."""
+    copy's) image must not stick to the next spawn with another profile, and what a
+    pre-spawn hook sets since is kept."""
     spawner = make_spawner(monkeypatch, image="lab/base:1", mem_limit="2G")
-    big = [p for p in PROFILES if p["slug"] == "mig-3g"][0]
-    big["overrides"] = {"image": "lab/cuda:12", "mem_limit": "32G"}
-    try:
-        from gpuspawner.profiles import parse_profiles
-
-        profiles = {p.slug: p for p in parse_profiles(PROFILES)}
-        spawner._apply_overrides(profiles["mig-3g"])
-        assert (spawner.image, spawner.mem_limit) == ("lab/cuda:12", 32 * 1024**3)
-        spawner.image = "gpuspawner-saved/jupyter-ann:20261129"  # a saved copy, used once
-        spawner._apply_overrides(profiles["cpu"])
-        assert (spawner.image, spawner.mem_limit) == ("lab/base:1", 2 * 1024**3)
-    finally:
-        del big["overrides"]
+    spawner._apply_overrides({"image": "lab/cuda:12", "mem_limit": "32G"})
+    assert (spawner.image, spawner.mem_limit) == ("lab/cuda:12", 32 * 1024**3)
+    spawner._apply_overrides({})
+    assert (spawner.image, spawner.mem_limit) == ("lab/base:1", 2 * 1024**3)
+    spawner._apply_overrides({"image": "lab/cuda:12"})
+    spawner.image = "lab/from-a-hook:3"  # a pre_spawn_hook's own choice
+    spawner._apply_overrides({})
+    assert spawner.image == "lab/from-a-hook:3"

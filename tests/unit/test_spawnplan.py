@@ -239,6 +239,33 @@ def test_replace_when_the_profile_changed(replace_with, save):
     assert result.device_ids == (GPU1.uuid,)
 
 
+def test_a_new_image_choice_replaces_the_container_and_keeps_a_copy():
+    """The user chose another image for the same profile: a new container from that image
+    (not from the old container's saved copy), the old one committed first and kept."""
+    own, labelset = container("c-own", devices=[SLICE[0]], state=EXPIRED)
+    mine = replace(existing(own, labelset), image="lab/tf:2")
+    result = plan(snap(own), request(existing=mine, image="lab/pytorch:2"))
+    assert result.action == spawnplan.REPLACE
+    assert result.replaced.reason == spawnplan.IMAGE_CHANGED
+    assert result.replaced.save is True and result.replaced.carried is False
+    assert env(result)["GPUSPAWNER_IMAGE"] == "lab/pytorch:2"
+    assert result.device_ids == (SLICE[0].uuid,)  # the same slice: it was still its own
+    # The same image: reused as it is. No image on record (an older container): reused.
+    same = plan(snap(own), request(existing=mine, image="lab/tf:2"))
+    assert same.action == spawnplan.REUSE
+    unknown = plan(snap(own), request(existing=existing(own, labelset), image="lab/x:1"))
+    assert unknown.action == spawnplan.REUSE
+    # Another reason to replace, same image: started from the saved copy, as before.
+    moved = plan(snap(own, inventory=reboot(INV)), request(existing=mine, image="lab/tf:2"))
+    assert moved.replaced.reason == spawnplan.GPU_GONE and moved.replaced.carried is True
+
+
+def test_the_chosen_image_is_read_back_from_the_environment():
+    assert spawnplan.chosen_image(["A=1", "GPUSPAWNER_IMAGE=lab/tf:2"]) == "lab/tf:2"
+    assert spawnplan.chosen_image(["GPUSPAWNER_IMAGE="]) is None
+    assert spawnplan.chosen_image(None) is None
+
+
 @pytest.mark.parametrize("replace_with, save", [("commit", True), ("remove", False)])
 def test_replace_when_the_ports_changed(replace_with, save):
     own, labelset = container("c-own", devices=[SLICE[0]], state=EXPIRED,

@@ -1,0 +1,1 @@
+"""DockerSpawner's own test suite, run against DockerSpawner and against GPUSpawner."""
