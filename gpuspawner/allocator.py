@@ -123,6 +123,8 @@ QUOTA = "quota"
 TOO_MANY_SERVERS = "too-many-servers"
 TOO_MANY_DEVICES = "too-many-devices"
 FULL = "full"
+#: Every device of the profile that exists is unavailable (NVML failed on its GPU).
+UNAVAILABLE = "unavailable"
 
 
 
@@ -246,26 +248,59 @@ def _holders(taken: Taken, devices: Iterable[Device]) -> tuple[Holder, ...]:
     return tuple(found)
 
 
+class Free(tuple):
+    """``(free, total)`` of one profile, a plain pair to every reader, that also says how many
+    of its devices are unavailable (NVML failed on their GPU; counted in neither number) and
+    why (the first one's reason), so the form can tell "unavailable" from "full"."""
+
+    unavailable: int
+    reason: str | None
+
+    def __new__(
+        cls, free: int, total: int, unavailable: int = 0, reason: str | None = None
+    ) -> Free:
+        pair = super().__new__(cls, (free, total))
+        pair.unavailable = unavailable
+        pair.reason = reason
+        return pair
+
+    def __getnewargs__(self) -> tuple[int, int, int, str | None]:  # copy and pickle
+        return (self[0], self[1], self.unavailable, self.reason)
+
+
+def unavailable(inventory: Inventory, device: Device) -> str | None:
+    """Why ``device`` cannot be given out now (it or its GPU is unavailable), or None."""
+    if device.unavailable:
+        return device.unavailable
+    if isinstance(device, MigDevice):
+        for gpu in inventory.gpus:
+            if gpu.uuid == device.parent_uuid and gpu.unavailable:
+                return gpu.unavailable
+    return None
+
+
 def free_by_profile(
     inventory: Inventory, allocations: Sequence[Allocation]
-) -> dict[str, tuple[int, int]]:
-    """MIG profile (and ``"gpu"`` for whole GPUs) -> (free, total); the form shows these."""
+) -> dict[str, Free]:
+    """MIG profile (and ``"gpu"`` for whole GPUs) -> (free, total) of the devices that can be
+    given out; the form shows these. Unavailable devices are counted apart (``Free``)."""
     taken = Taken(inventory, allocations)
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    reasons: dict[str, str] = {}
     enabled = {g.uuid for g in inventory.gpus if g.mig_enabled}
-    for mig in inventory.migs:
-        if mig.parent_uuid not in enabled:
+    devices: list[tuple[str, Device]] = [
+        (m.profile, m) for m in inventory.migs if m.parent_uuid in enabled]
+    devices += [("gpu", g) for g in inventory.gpus if not g.mig_enabled]
+    for key, device in devices:
+        why = unavailable(inventory, device)
+        if why:
+            counts[key][2] += 1
+            reasons.setdefault(key, why)
             continue
-        counts[mig.profile][1] += 1
-        if not taken.blockers(mig):
-            counts[mig.profile][0] += 1
-    for gpu in inventory.gpus:
-        if gpu.mig_enabled:
-            continue
-        counts["gpu"][1] += 1
-        if not taken.blockers(gpu):
-            counts["gpu"][0] += 1
-    return {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+        counts[key][1] += 1
+        if not taken.blockers(device):
+            counts[key][0] += 1
+    return {k: Free(v[0], v[1], v[2], reasons.get(k)) for k, v in sorted(counts.items())}
 
 
 def choose(
@@ -359,9 +394,12 @@ def _choose_mig(
     request: Request,
 ) -> Choice | Refusal:
     enabled = {g.uuid for g in inventory.gpus if g.mig_enabled}
-    candidates: list[Device] = [
+    existing: list[Device] = [
         m for m in inventory.migs if m.profile == request.mig_profile and m.parent_uuid in enabled
     ]
+    candidates = [m for m in existing if not unavailable(inventory, m)]
+    if existing and not candidates:
+        return _unavailable(inventory, existing, f"{request.mig_profile} slices")
     if not candidates:
         here = ", ".join(inventory.mig_profiles()) or "none"
         if not inventory.gpus:
@@ -395,6 +433,15 @@ def _choose_mig(
     )
 
 
+def _unavailable(inventory: Inventory, devices: Sequence[Device], what: str) -> Refusal:
+    reason = unavailable(inventory, devices[0])
+    return Refusal(
+        UNAVAILABLE,
+        f"all {len(devices)} {what} of this host are unavailable now ({reason}); try again "
+        "later or pick another profile",
+    )
+
+
 def _alternatives(
     inventory: Inventory, allocations: Sequence[Allocation], limits: LimitsLike, request: Request
 ) -> str:
@@ -425,14 +472,23 @@ def _choose_gpus(
             TOO_MANY_DEVICES,
             f"this profile asks for {request.gpus} GPUs and your limit is {most} per server",
         )
-    candidates: list[Device] = [g for g in inventory.gpus if not g.mig_enabled]
+    existing: list[Device] = [g for g in inventory.gpus if not g.mig_enabled]
+    candidates = [g for g in existing if not unavailable(inventory, g)]
     if not inventory.gpus:
         return _no_gpus(inventory)
-    if len(candidates) < request.gpus:
+    if len(existing) < request.gpus:
         return Refusal(
             NO_SUCH_PROFILE,
-            f"this host has {len(candidates)} whole GPU(s) with MIG off and this profile needs "
+            f"this host has {len(existing)} whole GPU(s) with MIG off and this profile needs "
             f"{request.gpus}: choose a smaller profile or ask an admin",
+        )
+    if len(candidates) < request.gpus:
+        down = [g for g in existing if unavailable(inventory, g)]
+        return Refusal(
+            UNAVAILABLE,
+            f"{len(down)} of this host's {len(existing)} whole GPUs are unavailable now "
+            f"({unavailable(inventory, down[0])}) and this profile needs {request.gpus}; try "
+            "again later or pick a smaller profile",
         )
     equivalents = float(request.gpus)
     refusal = _quota(inventory, limits, allocations, request, equivalents)

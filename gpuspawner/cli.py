@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import health, inventory
+from . import boot, health, inventory
 from .admin import DEFAULT_HUB_ID
-from .events import tail
+from .events import follow, tail
 from .inventory import InventoryError
 from .ledger import LedgerError
 from .policy import PolicyError, parse_duration
@@ -137,7 +137,8 @@ def cmd_user(args, world: World) -> int:
 
 
 def cmd_doctor(args, world: World) -> int:
-    checks = health.run_all(world.client, world.snapshot, _port_range(args.ports))
+    images = [i for i in (os.environ.get("GPUSPAWNER_IMAGE"), *(args.image or ())) if i]
+    checks = health.run_all(world.client, world.snapshot, _port_range(args.ports), images)
     marks = {health.OK: "ok  ", health.WARN: "warn", health.FAIL: "FAIL"}
     _emit(args, [c.to_json() for c in checks],
           "\n".join(f"[{marks[c.status]}] {c.name}: {c.message}" for c in checks))
@@ -161,25 +162,35 @@ def cmd_events(args, world: World | None) -> int:
         _print_event(args, entry)
     if not args.follow:
         return EXIT_OK
-    offset = os.path.getsize(args.events) if os.path.exists(args.events) else 0
-    while True:
+    for entry in follow(args.events):  # across rotations, from now on
+        _print_event(args, entry)
         sys.stdout.flush()
-        time.sleep(1)
-        if not os.path.exists(args.events) or os.path.getsize(args.events) < offset:
-            offset = 0  # rotated
-            continue
-        with open(args.events, encoding="utf-8", errors="replace") as source:
-            source.seek(offset)
-            chunk = source.read()
-        complete, _, _partial = chunk.rpartition("\n")
-        if not complete:
-            continue
-        offset += len((complete + "\n").encode())
-        for line in complete.splitlines():
-            try:
-                _print_event(args, json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    return EXIT_OK
+
+
+def cmd_wait(args, world: World) -> int:
+    """Wait for the GPU host after a boot (``boot.missing``): for scripts and compose that
+    start the hub only when Docker, the driver and the MIG devices are there."""
+    deadline = time.monotonic() + args.timeout
+    said: list[str] | None = None
+    while True:
+        try:
+            snap = world.snapshot(fresh=True)
+            what = boot.missing(True, snap.inventory, args.mig or [],
+                                had_gpus=args.gpus or any(a.uuids for a in snap.allocations))
+        except LedgerError:
+            what = [boot.DOCKER]
+        if not what:
+            print("the GPU host is ready")
+            return EXIT_OK
+        if what != said:
+            print(boot.sentence(what), flush=True)
+            said = what
+        if time.monotonic() >= deadline:
+            print(f"gpuspawner: still waiting after {args.timeout:.0f} s: {', '.join(what)}",
+                  file=sys.stderr)
+            return EXIT_PROBLEM
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 COMMANDS = {
@@ -190,6 +201,8 @@ COMMANDS = {
     "user": (cmd_user, "one user's allocations and limits"),
     "doctor": (cmd_doctor, "health checks; exits 1 when one fails"),
     "events": (cmd_events, "the operation log"),
+    "wait": (cmd_wait, "wait for Docker, the NVIDIA driver and MIG devices after a boot; "
+                       "exits 1 at the time-out"),
 }
 
 
@@ -225,6 +238,18 @@ def parser() -> argparse.ArgumentParser:
         if name == "events":
             command.add_argument("--follow", "-f", action="store_true")
             command.add_argument("--limit", type=int, default=50)
+        if name == "doctor":
+            command.add_argument("--image", action="append", metavar="IMAGE",
+                                 help="a profile image to check against this driver's CUDA "
+                                 "(repeatable; GPUSPAWNER_IMAGE is always checked)")
+        if name == "wait":
+            command.add_argument("--timeout", type=_seconds, default=600.0,
+                                 help="give up after this long (seconds, or 10m)")
+            command.add_argument("--gpus", action="store_true",
+                                 help="this host has NVIDIA GPUs: wait for the driver too")
+            command.add_argument("--mig", action="append", metavar="PROFILE",
+                                 help="wait for MIG devices of this profile (repeatable) "
+                                 "while a MIG-enabled GPU has none")
     return top
 
 
@@ -238,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       inventory_source=args.inventory, topology=args.topology,
                       start_timeout=args.start_timeout, hub_id=args.hub_id)
         world.policy()  # a broken policy file is a configuration error (2), for doctor too
+        if args.command == "wait":
+            return handler(args, world)  # an engine that is not up yet is what it waits for
         world.client  # noqa: B018 - connect now: an engine that is down is exit code 3
         return handler(args, world)
     except PolicyError as exc:

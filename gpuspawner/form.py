@@ -23,15 +23,21 @@ def availability(
     if not has_gpus:
         return "unavailable: no NVIDIA GPUs on this host", True
     key = profile.mig_profile or "gpu"
-    have, total = free.get(key, (0, 0))
+    counts = free.get(key, (0, 0))
+    have, total = counts
+    # Devices NVML failed on are in neither number (allocator.Free says how many, and why).
+    down, reason = getattr(counts, "unavailable", 0), getattr(counts, "reason", None)
     label = profile.mig_profile or "whole GPUs"
+    if total == 0 and down:
+        return f"unavailable: {reason or 'NVML cannot read its GPU'}", True
     if total == 0:
         return f"unavailable: no {label} on this host", True
+    more = f", {down} unavailable" if down else ""
     if profile.gpus and have < profile.gpus:
-        return f"{label}: {have} of {total} free (needs {profile.gpus}) - full", True
+        return f"{label}: {have} of {total} free{more} (needs {profile.gpus}) - full", True
     if have == 0:
-        return f"{label}: 0 of {total} free - full", True
-    return f"{label}: {have} of {total} free", False
+        return f"{label}: 0 of {total} free{more} - full", True
+    return f"{label}: {have} of {total} free{more}", False
 
 
 def _option(profile: Profile, option: ProfileOption, picked: str | None,
@@ -73,12 +79,17 @@ def render(
     trouble: str | None,
     chosen: str,
     picked: Mapping[str, str] | None = None,
+    blocked: Mapping[str, str] | None = None,
 ) -> str:
     """One radio button per profile, each with its options; full profiles are shown
-    disabled, with the reason. ``picked``: the last choices of the chosen profile."""
+    disabled, with the reason. ``picked``: the last choices of the chosen profile;
+    ``blocked``: profiles whose image this driver cannot start, with the sentence."""
     rows = []
     for profile in profiles:
         note, full = availability(profile, free, has_gpus, trouble)
+        why = (blocked or {}).get(profile.slug)
+        if why:
+            note, full = "unavailable: the image needs a newer driver", True
         checked = "checked" if profile.slug == chosen and not full else ""
         disabled = "disabled" if full else ""
         mine = (picked or {}) if profile.slug == chosen else {}
@@ -94,6 +105,7 @@ def render(
       <span class="badge {'bg-secondary' if full else 'bg-success'} ms-2"
             data-free="{html.escape(note)}">{html.escape(note)}</span>
       <div class="small">{html.escape(profile.description)}</div>
+      {f'<div class="small text-danger">{html.escape(why)}</div>' if why else ""}
     </label>{options}
   </div>"""
         )

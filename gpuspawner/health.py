@@ -8,11 +8,14 @@ through the same Snapshot as everything else, plus two questions only the engine
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .records import RUNNING, JSONRecord, MigDevice
+import docker.errors
+
+from . import cuda
+from .records import RUNNING, Inventory, JSONRecord, MigDevice
 from .snapshot import Snapshot
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -116,6 +119,19 @@ def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -
                   Check("mig-pending", OK, "no MIG mode change is pending"))
     if empty:
         checks.append(Check("mig-empty", WARN, "; ".join(empty)))
+    down = [g for g in inv.gpus if g.unavailable]
+    if down:
+        # A warning, not a failure: nothing is given out on them, the others serve as usual;
+        # a server already on one has a broken GPU, which is the hardware's finding.
+        parts = [f"GPU {g.index} ({g.uuid}, {len(inv.migs_of(g))} MIG device(s)): "
+                 f"{g.unavailable}" for g in down]
+        checks.append(Check(
+            "unavailable", WARN,
+            f"{len(down)} of {len(inv.gpus)} GPU(s) cannot be read and are not given out: "
+            + "; ".join(parts),
+        ))
+    if inv.unprivileged:
+        checks.append(Check("nvml-permissions", WARN, inv.unprivileged))
     missing = snap.missing_uuids()
     if missing:
         holders = sorted({a.container_name for found in missing.values() for a in found})
@@ -165,10 +181,26 @@ def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -
     return checks
 
 
+def cuda_images_check(client: Any, images: Sequence[str], inventory: Inventory) -> Check:
+    """Every profile image with its ``NVIDIA_REQUIRE_*`` against this driver (``cuda``):
+    an image the NVIDIA runtime would refuse to start is a warning (its users are refused
+    with the sentence; everyone else is unaffected)."""
+    envs: dict[str, list[str] | None] = {}
+    for image in dict.fromkeys(images):
+        try:
+            envs[image] = cuda.image_env(client.api.inspect_image(image))
+        except docker.errors.ImageNotFound:
+            envs[image] = None
+    rows = cuda.doctor_rows(envs, inventory.driver_version, inventory.cuda_version)
+    status, message = cuda.doctor_summary(rows)
+    return Check("cuda-images", WARN if status == "warn" else OK, message)
+
+
 def run_all(
     client: Any,
     take_snapshot: Callable[[], Snapshot],
     port_range: tuple[int, int] | None = None,
+    images: Sequence[str] = (),
 ) -> list[Check]:
     engine, info = engine_check(client)
     checks = [engine, runtime_check(info)]
@@ -178,7 +210,10 @@ def run_all(
         snap = take_snapshot()
     except Exception as exc:
         return [*checks, Check("snapshot", FAIL, f"could not read the world: {exc}")]
-    return checks + snapshot_checks(snap, port_range)
+    checks += snapshot_checks(snap, port_range)
+    if images:
+        checks.append(cuda_images_check(client, images, snap.inventory))
+    return checks
 
 
 def worst(checks: list[Check]) -> str:

@@ -6,10 +6,17 @@ topology file for hubs that run where they cannot see the GPUs. Whatever looks w
 without instances, a mode change pending a reset, a driver that will not load) goes into
 ``Inventory.problems`` so the admin page and ``doctor`` can show it, instead of a GPU silently
 missing from the choice.
+
+NVML is read as real hosts give it: a non-root caller is refused some questions (answered
+another way, said in ``Inventory.unprivileged``); a failure on one GPU makes that GPU and its
+MIG devices ``unavailable`` with the reason while the others serve; transient errors are
+asked again. Long-running callers read through a ``Reader``: one NVML thread, a short cache.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import csv
 import io
 import logging
@@ -17,7 +24,10 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -85,6 +95,22 @@ def _mig_problems(gpus: Iterable[GPU], migs: Iterable[MigDevice]) -> list[str]:
 
 # --------------------------------------------------------------------------- NVML
 
+#: NVML errors asked again after a short pause: the driver timed out (``Timeout``), was not
+#: ready yet (``NotReady``: still initialising, or a GPU being reset), or could not say
+#: (``Unknown``: what NVML answers while the kernel module is busy or an RPC to it failed).
+#: Every other error describes a state that a fraction of a second does not change (a GPU
+#: lost, access refused, a function or profile not supported, a device not found) and is
+#: dealt with where it is met.
+TRANSIENT_ERRORS = {"NVML_ERROR_TIMEOUT": 10, "NVML_ERROR_NOT_READY": 27, "NVML_ERROR_UNKNOWN": 999}
+#: Pauses (seconds) before the second and the third try of a call that failed transiently,
+#: and of a GPU whose MIG devices changed while it was read. Reads run on a worker thread
+#: (see ``Reader``), never on the event loop, so they may sleep.
+RETRY_PAUSES = (0.05, 0.2)
+_MIB = 1024 * 1024
+_MODEL_MEMORY = re.compile(r"(\d+)\s*GB\b", re.IGNORECASE)
+
+Sleep = Callable[[float], None]
+
 
 def _load_nvml() -> ModuleType:
     try:
@@ -94,16 +120,70 @@ def _load_nvml() -> ModuleType:
     return pynvml
 
 
-def _cuda_version(nvml: ModuleType) -> str | None:
+class _MigChanged(Exception):
+    """A MIG device of the GPU being read went away during the read (re-created)."""
+
+
+class _Caller:
+    """One read's way of calling NVML: a transient error is tried again after a pause."""
+
+    def __init__(self, nvml: ModuleType, sleep: Sleep) -> None:
+        self.nvml = nvml
+        self.sleep = sleep
+        self.transient = {getattr(nvml, name, code) for name, code in TRANSIENT_ERRORS.items()}
+        self.tries = len(RETRY_PAUSES) + 1
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return getattr(exc, "value", None) in self.transient
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        function = getattr(self.nvml, name)
+        for pause in (*RETRY_PAUSES, None):
+            try:
+                return function(*args)
+            except self.nvml.NVMLError as exc:
+                if pause is None or not self.is_transient(exc):
+                    log.debug("inventory: %s failed: %s", name, exc)
+                    raise
+                log.debug("inventory: %s failed (%s); trying again in %.2fs", name, exc, pause)
+            self.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cuda_version(call: _Caller) -> str | None:
     try:
-        version = int(nvml.nvmlSystemGetCudaDriverVersion())
-    except nvml.NVMLError:
+        version = int(call("nvmlSystemGetCudaDriverVersion"))
+    except call.nvml.NVMLError:
         return None
     return f"{version // 1000}.{(version % 1000) // 10}"
 
 
-def _profile_table(nvml: ModuleType, handle: Any) -> dict[int, tuple[str, int, int]]:
+#: What a non-root reader is refused, and what it does instead (``Inventory.unprivileged``).
+_REFUSED = {
+    "gi": "GPU-instance lookups (MIG profile names are matched from slice count and memory "
+          "instead; where two profiles have the same size, like 1g.10gb and 1g.10gb+me, the "
+          "plain one is assumed)",
+    "memory": "the total memory of MIG-enabled GPUs (taken from the model name instead)",
+    "profiles": "the GPU-instance profile table (MIG profile names are made from slice count "
+                "and memory, and a MIG GPU's compute slices assumed from its model)",
+}
+
+
+def _unprivileged(notes: set[str]) -> str | None:
+    if not notes:
+        return None
+    refused = [text for key, text in _REFUSED.items() if key in notes]
+    return (
+        "the hub's user is not root, so NVML refused " + " and ".join(refused)
+        + "; running the hub as root reads them exactly"
+    )
+
+
+def _profile_table(
+    call: _Caller, handle: Any, notes: set[str]
+) -> dict[int, tuple[str, int, int]]:
     """GPU-instance profile id -> (name, slices, memory MiB) for the profiles this GPU has."""
+    nvml = call.nvml
     table: dict[int, tuple[str, int, int]] = {}
     count = getattr(nvml, "NVML_GPU_INSTANCE_PROFILE_COUNT", 10)
     for index in range(count):
@@ -111,16 +191,16 @@ def _profile_table(nvml: ModuleType, handle: Any) -> dict[int, tuple[str, int, i
             # nvidia-ml-py takes version 2 (not the struct-version constant) for the variant
             # whose info carries the profile's name; older releases have no version argument.
             try:
-                info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, index, 2)
+                info = call("nvmlDeviceGetGpuInstanceProfileInfo", handle, index, 2)
             except TypeError:
-                info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, index)
-            except nvml.NVMLError as exc:
-                missing = getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", -1)
-                if getattr(exc, "value", None) != missing:
-                    raise
-                info = nvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, index, 1)  # old driver
-        except nvml.NVMLError:
-            continue
+                info = call("nvmlDeviceGetGpuInstanceProfileInfo", handle, index)
+            except nvml.NVMLError_FunctionNotFound:
+                info = call("nvmlDeviceGetGpuInstanceProfileInfo", handle, index, 1)  # old driver
+        except (nvml.NVMLError_NotSupported, nvml.NVMLError_InvalidArgument):
+            continue  # a profile this GPU does not have, or one this driver does not know
+        except nvml.NVMLError_NoPermission:
+            notes.add("profiles")
+            return {}
         name = _text(getattr(info, "name", b"")).strip()
         slices = int(info.sliceCount)
         memory = int(info.memorySizeMB)
@@ -129,119 +209,294 @@ def _profile_table(nvml: ModuleType, handle: Any) -> dict[int, tuple[str, int, i
     return table
 
 
+def _by_size(slices: int, memory: int, table: dict[int, tuple[str, int, int]]) -> str:
+    matches = [name for name, s, m in table.values() if s == slices and m == memory]
+    plain = [name for name in matches if "+" not in name]
+    if len(matches) == 1:
+        return matches[0]
+    if len(plain) == 1:
+        return plain[0]
+    return f"{slices}g.{round(memory / 1024)}gb"
+
+
 def _mig_profile(
-    nvml: ModuleType,
+    call: _Caller,
     handle: Any,
     gi: int,
     slices: int,
     memory: int,
     table: dict[int, tuple[str, int, int]],
-    problems: list[str],
+    notes: set[str],
 ) -> str:
     """The MIG profile name of a device: from its GPU instance when we may look, else by size."""
+    nvml = call.nvml
     try:
-        instance = nvml.nvmlDeviceGetGpuInstanceById(handle, gi)
-        profile_id = int(nvml.nvmlGpuInstanceGetInfo(instance).profileId)
+        instance = call("nvmlDeviceGetGpuInstanceById", handle, gi)
+        profile_id = int(call("nvmlGpuInstanceGetInfo", instance).profileId)
         if profile_id in table:
             return table[profile_id][0]
     except nvml.NVMLError_NoPermission:
-        note = (
-            "NVML refused GPU-instance lookups (not root): MIG profile names are matched "
-            "from slice count and memory instead"
-        )
-        if note not in problems:
-            problems.append(note)
-    except nvml.NVMLError:
+        notes.add("gi")
+    except nvml.NVMLError_NotFound as exc:
+        raise _MigChanged(f"GPU instance {gi} not found") from exc
+    except (nvml.NVMLError_NotSupported, nvml.NVMLError_InvalidArgument):
         pass
-    matches = [name for name, s, m in table.values() if s == slices and m == memory]
-    if len(matches) == 1:
-        return matches[0]
-    return f"{slices}g.{round(memory / 1024)}gb"
+    return _by_size(slices, memory, table)
 
 
-def read_nvml(nvml: ModuleType | None = None) -> Inventory:
-    """Read every GPU and MIG device from NVML. Raises InventoryError when NVML cannot load."""
-    nvml = nvml or _load_nvml()
+def _model_memory(name: str) -> int:
+    match = _MODEL_MEMORY.search(name)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _gpu_memory(
+    call: _Caller, handle: Any, name: str, mig_enabled: bool,
+    table: dict[int, tuple[str, int, int]], notes: set[str],
+) -> int:
     try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as exc:
-        raise InventoryError(f"NVML could not be initialised: {exc}") from exc
-    problems: list[str] = []
-    gpus: list[GPU] = []
-    migs: list[MigDevice] = []
+        return int(call("nvmlDeviceGetMemoryInfo", handle).total) // _MIB
+    except call.nvml.NVMLError_NoPermission:
+        if not mig_enabled:
+            raise  # not what NVML refuses a non-root user: something is wrong with this GPU
+        # Aggregate memory of a MIG-enabled GPU needs privileges; per MIG device it does not.
+        notes.add("memory")
+        return _model_memory(name) or max((m for _, _, m in table.values()), default=0)
+
+
+@dataclass
+class _Partial:
+    """What was read of one GPU before NVML failed on it."""
+
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    mig_enabled: bool | None = None
+    migs: list[MigDevice] = field(default_factory=list)
+
+
+def _read_gpu(
+    call: _Caller, index: int, partial: _Partial, notes: set[str]
+) -> tuple[GPU, list[MigDevice]]:
+    nvml = call.nvml
+    handle = call("nvmlDeviceGetHandleByIndex", index)
+    partial.uuid = uuid = _text(call("nvmlDeviceGetUUID", handle))
+    partial.name = name = _text(call("nvmlDeviceGetName", handle))
     try:
-        driver = _text(nvml.nvmlSystemGetDriverVersion())
-        cuda = _cuda_version(nvml)
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-            name = _text(nvml.nvmlDeviceGetName(handle))
-            memory = int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // (1024 * 1024)
-            try:
-                current, pending = nvml.nvmlDeviceGetMigMode(handle)
-                capable = True
-            except nvml.NVMLError:  # NotSupported: a GPU without MIG
-                current = pending = 0
-                capable = False
-            enabled = current == nvml.NVML_DEVICE_MIG_ENABLE
-            table = _profile_table(nvml, handle) if capable else {}
-            total = max((s for _, s, _ in table.values()), default=0)
-            if capable and not total:
-                total = default_total_slices(name)
-            gpu = GPU(
-                index=index,
-                uuid=uuid,
-                name=name,
-                memory_mib=memory,
-                mig_enabled=enabled,
-                mig_pending=(pending == nvml.NVML_DEVICE_MIG_ENABLE) if capable else None,
-                total_slices=total,
-            )
-            gpus.append(gpu)
-            if enabled:
-                migs.extend(_read_migs(nvml, handle, gpu, table, problems))
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except nvml.NVMLError:
-            pass
-    problems[:0] = _mig_problems(gpus, migs)
-    return Inventory(tuple(gpus), tuple(migs), "nvml", driver, cuda, tuple(problems))
+        current, pending = call("nvmlDeviceGetMigMode", handle)
+        capable = True
+    except (nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):  # no MIG here
+        current = pending = 0
+        capable = False
+    enabled = current == nvml.NVML_DEVICE_MIG_ENABLE
+    partial.mig_enabled = enabled
+    table = _profile_table(call, handle, notes) if capable else {}
+    total = max((s for _, s, _ in table.values()), default=0)
+    if capable and not total:
+        total = default_total_slices(name)
+    gpu = GPU(
+        index=index,
+        uuid=uuid,
+        name=name,
+        memory_mib=_gpu_memory(call, handle, name, enabled, table, notes),
+        mig_enabled=enabled,
+        mig_pending=(pending == nvml.NVML_DEVICE_MIG_ENABLE) if capable else None,
+        total_slices=total,
+    )
+    if enabled:
+        _read_migs(call, handle, gpu, table, notes, partial.migs)
+    return gpu, partial.migs
 
 
 def _read_migs(
-    nvml: ModuleType,
+    call: _Caller,
     handle: Any,
     gpu: GPU,
     table: dict[int, tuple[str, int, int]],
-    problems: list[str],
-) -> list[MigDevice]:
-    found = []
-    for position in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+    notes: set[str],
+    found: list[MigDevice],
+) -> None:
+    nvml = call.nvml
+    for position in range(call("nvmlDeviceGetMaxMigDeviceCount", handle)):
         try:
-            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, position)
+            mig = call("nvmlDeviceGetMigDeviceHandleByIndex", handle, position)
         except nvml.NVMLError_NotFound:
             continue  # an empty index: MIG devices need not be contiguous
-        gi = int(nvml.nvmlDeviceGetGpuInstanceId(mig))
-        ci = int(nvml.nvmlDeviceGetComputeInstanceId(mig))
-        attributes = nvml.nvmlDeviceGetAttributes(mig)
+        try:
+            uuid = _text(call("nvmlDeviceGetUUID", mig))
+            gi = int(call("nvmlDeviceGetGpuInstanceId", mig))
+            ci = int(call("nvmlDeviceGetComputeInstanceId", mig))
+            attributes = call("nvmlDeviceGetAttributes", mig)
+        except nvml.NVMLError_NotFound as exc:
+            # The handle was just given out: its device was destroyed since (re-created).
+            raise _MigChanged(f"MIG device {gpu.index}:{position} went away") from exc
+        if any(m.uuid == uuid for m in found):
+            raise _MigChanged(f"MIG device {uuid} was listed twice")
         slices = int(attributes.gpuInstanceSliceCount)
         memory = int(attributes.memorySizeMB)
         found.append(
             MigDevice(
                 slot=f"{gpu.index}.{position}",
-                uuid=_text(nvml.nvmlDeviceGetUUID(mig)),
+                uuid=uuid,
                 parent_uuid=gpu.uuid,
                 gpu_index=gpu.index,
                 gi=gi,
                 ci=ci,
-                profile=_mig_profile(nvml, handle, gi, slices, memory, table, problems),
+                profile=_mig_profile(call, handle, gi, slices, memory, table, notes),
                 memory_mib=memory,
                 slices=slices,
                 total_slices=gpu.total_slices,
             )
         )
-    return found
+
+
+def _reason(call: _Caller, exc: BaseException) -> str:
+    """Why a GPU is unavailable, in words for the form and the admin."""
+    nvml = call.nvml
+    if isinstance(exc, _MigChanged):
+        return ("its MIG devices changed while they were read (re-created?); the next read "
+                "sees the new layout")
+    if isinstance(exc, nvml.NVMLError_GpuIsLost):
+        return ("NVML says the GPU is lost (it fell off the bus or stopped answering); an "
+                "admin must reset it or reboot the host")
+    if isinstance(exc, nvml.NVMLError_NoPermission):
+        return ("NVML refused access to it (Insufficient Permissions): the hub cannot open "
+                "this GPU's device")
+    if call.is_transient(exc):
+        return f"NVML answered '{exc}' {call.tries} times in a row"
+    return f"NVML failed on it ({exc})"
+
+
+def _unavailable(
+    partial: _Partial, reason: str, previous: Inventory | None, count: int
+) -> tuple[GPU, list[MigDevice]]:
+    """A GPU NVML failed on, listed with what is known of it and marked unavailable.
+
+    What the failed read did not get comes from the previous read: the same UUID, or the same
+    index while the GPU count is unchanged (NVML numbers GPUs by bus order, so the same index
+    is the same GPU). A GPU never read before and whose UUID NVML will not give is listed as
+    ``GPU-unknown-<index>``: no container holds that, and nothing is given out on it.
+    """
+    before = None
+    if previous is not None:
+        if partial.uuid:
+            before = next((g for g in previous.gpus if g.uuid == partial.uuid), None)
+        elif len(previous.gpus) == count:
+            before = next((g for g in previous.gpus if g.index == partial.index), None)
+    uuid = partial.uuid or (before.uuid if before else f"GPU-unknown-{partial.index}")
+    migs: dict[str, MigDevice] = {}
+    if before is not None and previous is not None:
+        migs.update((m.uuid, m) for m in previous.migs_of(before))
+    migs.update((m.uuid, m) for m in partial.migs)
+    enabled = partial.mig_enabled
+    if enabled is None:
+        enabled = before.mig_enabled if before else bool(migs)
+    gpu = GPU(
+        index=partial.index,
+        uuid=uuid,
+        name=partial.name or (before.name if before else "unknown GPU"),
+        memory_mib=before.memory_mib if before else 0,
+        mig_enabled=enabled,
+        mig_pending=before.mig_pending if before else None,
+        total_slices=before.total_slices if before else max(
+            (m.total_slices for m in migs.values()), default=0),
+        unavailable=reason,
+    )
+    return gpu, [
+        replace(m, slot=f"{partial.index}.{m.slot.partition('.')[2]}", parent_uuid=uuid,
+                gpu_index=partial.index, unavailable=reason)
+        for m in migs.values()
+    ]
+
+
+def _read_one(
+    call: _Caller, index: int, count: int, notes: set[str], previous: Inventory | None
+) -> tuple[GPU, list[MigDevice]]:
+    """One GPU and its MIG devices; a failure on it makes it (and them) unavailable."""
+    for pause in (*RETRY_PAUSES, None):
+        partial = _Partial(index)
+        try:
+            return _read_gpu(call, index, partial, notes)
+        except _MigChanged as exc:
+            if pause is not None:
+                log.debug("inventory: GPU %d changed while read (%s); reading it again",
+                          index, exc)
+                call.sleep(pause)
+                continue
+            failure: BaseException = exc
+        except call.nvml.NVMLError as exc:
+            failure = exc
+        reason = _reason(call, failure)
+        log.warning("inventory: GPU %d (%s) is unavailable: %s (%s)", index,
+                    partial.uuid or "UUID unknown", reason, failure)
+        return _unavailable(partial, reason, previous, count)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _unavailable_problems(gpus: Iterable[GPU], migs: Iterable[MigDevice]) -> list[str]:
+    migs = list(migs)
+    problems = []
+    for gpu in gpus:
+        if gpu.unavailable:
+            mine = sum(1 for m in migs if m.parent_uuid == gpu.uuid)
+            held = f" and its {mine} MIG device(s)" if mine else ""
+            problems.append(
+                f"GPU {gpu.index} ({gpu.uuid}) is unavailable: {gpu.unavailable}; it{held} "
+                "will not be given out until NVML reads it again"
+            )
+    return problems
+
+
+def read_nvml(
+    nvml: ModuleType | None = None,
+    *,
+    previous: Inventory | None = None,
+    sleep: Sleep = time.sleep,
+) -> Inventory:
+    """Read every GPU and MIG device from NVML.
+
+    Raises InventoryError, never a raw NVMLError, when NVML cannot be used at all (it does not
+    load or initialise, it cannot count the GPUs). A failure on one GPU marks that GPU and its
+    MIG devices ``unavailable`` with the reason and the others are read as usual;
+    ``previous`` (the last read) fills in what NVML no longer says of such a GPU, so that a
+    container holding it is not judged to hold a device that is gone. What a non-root caller
+    is refused is read another way and said in ``unprivileged``. Transient errors are tried
+    again after a short pause (``sleep``): call this on a worker thread, as ``Reader`` does.
+    """
+    nvml = nvml or _load_nvml()
+    call = _Caller(nvml, sleep)
+    try:
+        call("nvmlInit")
+    except nvml.NVMLError as exc:
+        raise InventoryError(f"NVML could not be initialised: {exc}") from exc
+    notes: set[str] = set()
+    gpus: list[GPU] = []
+    migs: list[MigDevice] = []
+    try:
+        try:
+            count = int(call("nvmlDeviceGetCount"))
+        except nvml.NVMLError as exc:
+            raise InventoryError(f"NVML cannot count the GPUs: {exc}") from exc
+        try:
+            driver: str | None = _text(call("nvmlSystemGetDriverVersion"))
+        except nvml.NVMLError:
+            driver = None
+        cuda = _cuda_version(call)
+        for index in range(count):
+            gpu, found = _read_one(call, index, count, notes, previous)
+            gpus.append(gpu)
+            migs.extend(found)
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError:
+            pass
+    unprivileged = _unprivileged(notes)
+    problems = _mig_problems([g for g in gpus if not g.unavailable], migs)
+    problems += _unavailable_problems(gpus, migs)
+    if unprivileged:
+        problems.append(unprivileged)
+    return Inventory(tuple(gpus), tuple(migs), "nvml", driver, cuda, tuple(problems),
+                     unprivileged)
 
 
 def uuid_present(uuid: str, nvml: ModuleType | None = None) -> bool:
@@ -428,17 +683,20 @@ def read(
     nvml: ModuleType | None = None,
     smi_binary: str = "nvidia-smi",
     logger: logging.Logger | None = None,
+    previous: Inventory | None = None,
 ) -> Inventory:
     """Read the inventory from ``source``; ``auto`` falls back and logs which one answered.
 
     ``auto`` never raises: a host with no NVIDIA driver is a CPU-only host, and says so in
     ``problems``. An explicit source raises InventoryError so a misconfiguration is loud.
+    ``previous``: the last inventory read, for what NVML no longer says of a failing GPU.
+    Blocking, and NVML is not to be called twice at once: use a ``Reader``.
     """
     logger = logger or log
     if source not in SOURCES:
         raise InventoryError(f"unknown inventory source {source!r}; use one of {SOURCES}")
     if source == "nvml":
-        return read_nvml(nvml)
+        return read_nvml(nvml, previous=previous)
     if source == "nvidia-smi":
         return read_nvidia_smi(smi_binary)
     if source == "file":
@@ -451,11 +709,14 @@ def read(
     if topology_file:
         return read_topology_file(topology_file)
     try:
-        inventory = read_nvml(nvml)
+        inventory = read_nvml(nvml, previous=previous)
         logger.debug("inventory: read %d GPU(s) through NVML", len(inventory.gpus))
         return inventory
     except InventoryError as exc:
         reasons.append(str(exc))
+    except Exception as exc:  # auto never fails: a binding that misbehaves is a driver that
+        logger.exception("inventory: reading NVML failed")  # does not answer, loudly logged
+        reasons.append(f"reading NVML failed: {exc!r}")
     try:
         inventory = read_nvidia_smi(smi_binary)
         logger.info("inventory: NVML unavailable (%s); read nvidia-smi instead", reasons[0])
@@ -469,3 +730,131 @@ def read(
         source="none",
         problems=(f"no NVIDIA driver answered ({'; '.join(reasons)}): only CPU servers can start",),
     )
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def _mark_nvml_thread() -> None:
+    _NVML_THREAD.active = True
+
+
+_NVML_THREAD = threading.local()
+#: The one thread every Reader reads on: NVML is never called on the event loop, nor in
+#: Docker's executor (a hung GPU must not stall Docker calls), nor twice at once.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="gpuspawner-nvml", initializer=_mark_nvml_thread
+)
+
+
+class Reader:
+    """Inventory reads for a long-running process (the spawner, the admin service).
+
+    Reads run on one worker thread shared by every Reader (``_EXECUTOR``), and a result is
+    kept for ``ttl`` seconds, so many spawns and page loads in a moment cost one NVML read.
+    Callers that arrive while a read runs share it. A read that raises is not kept (the next
+    call reads again); in ``auto`` mode ``read`` does not raise. Each read is handed the last
+    good one, so a GPU NVML fails on keeps what was known of it (see ``read_nvml``).
+    """
+
+    def __init__(
+        self,
+        source: str = "auto",
+        *,
+        topology_file: str | os.PathLike[str] | None = None,
+        logger: logging.Logger | None = None,
+        ttl: float = 2.0,
+        nvml: ModuleType | None = None,
+        smi_binary: str = "nvidia-smi",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.topology_file = topology_file
+        self.logger = logger
+        self.ttl = ttl
+        self.nvml = nvml
+        self.smi_binary = smi_binary
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Inventory] | None = None
+        self._last: Inventory | None = None
+        self._pending: concurrent.futures.Future[Inventory] | None = None
+        self._generation = 0  # one more at every invalidate()
+
+    def invalidate(self) -> None:
+        """Forget the kept result: the next call reads again (after a start failed with
+        "unknown device", say). A read running now is not kept when it ends; its callers
+        still get it."""
+        with self._lock:
+            self._cached = None
+            self._pending = None
+            self._generation += 1
+
+    def _fresh(self) -> Inventory | None:
+        if self._cached is not None and self.clock() - self._cached[0] < self.ttl:
+            return self._cached[1]
+        return None
+
+    def _read_now(
+        self, generation: int, future: concurrent.futures.Future[Inventory] | None
+    ) -> Inventory:
+        try:
+            inventory = read(
+                self.source, topology_file=self.topology_file, nvml=self.nvml,
+                smi_binary=self.smi_binary, logger=self.logger, previous=self._last,
+            )
+        finally:
+            with self._lock:
+                if future is not None and self._pending is future:
+                    self._pending = None
+        with self._lock:
+            if generation == self._generation:  # not invalidated while it ran
+                self._cached = (self.clock(), inventory)
+                if inventory.source != "none":
+                    self._last = inventory
+        return inventory
+
+    def _start(self) -> tuple[Inventory | None, concurrent.futures.Future[Inventory] | None]:
+        """The kept inventory, or the read to wait for (the running one, or a new one)."""
+        with self._lock:
+            fresh = self._fresh()
+            if fresh is not None:
+                return fresh, None
+            if self._pending is None:
+                future: concurrent.futures.Future[Inventory] = concurrent.futures.Future()
+                self._pending = future
+                _EXECUTOR.submit(self._run, future, self._generation)
+            return None, self._pending
+
+    def _run(self, future: concurrent.futures.Future[Inventory], generation: int) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            inventory = self._read_now(generation, future)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(inventory)
+
+    async def read(self) -> Inventory:
+        """The inventory, read on the NVML thread unless one younger than ``ttl`` is kept."""
+        fresh, future = self._start()
+        if fresh is not None:
+            return fresh
+        assert future is not None
+        # Shielded: one caller giving up (a cancelled spawn) must not cancel the shared read.
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    def read_blocking(self) -> Inventory:
+        """``read`` for a caller already on a worker thread (never the event loop): the same
+        kept result, the same shared read, on the NVML thread."""
+        if getattr(_NVML_THREAD, "active", False):
+            # Called from the NVML thread itself: waiting for it would wait forever.
+            with self._lock:
+                fresh, generation = self._fresh(), self._generation
+            return fresh if fresh is not None else self._read_now(generation, None)
+        fresh, future = self._start()
+        if fresh is not None:
+            return fresh
+        assert future is not None
+        return future.result()

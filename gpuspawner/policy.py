@@ -390,12 +390,9 @@ class _Parser:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
-            problem = exc.problem or exc.context or "invalid YAML"
-            if exc.problem and exc.context:
-                problem = f"{exc.problem} ({exc.context})"
             raise PolicyError(
-                f"YAML syntax error: {problem}; check the indentation and quoting here "
-                "(text containing ': ' or ' #' needs quotes)",
+                f"YAML syntax error: {_syntax_problem(exc)} (text containing ': ' or ' #' "
+                "needs quotes)",
                 source=self.source,
                 line=mark.line + 1 if mark is not None else None,
             ) from None
@@ -623,6 +620,33 @@ class _NotScalar:
     """Stands for a list or mapping where a single value was expected (for messages)."""
 
     node: yaml.Node
+
+
+#: What PyYAML was inside when it broke, by its words, and what opened it.
+_OPENED_BY = {
+    "while parsing a flow sequence": "the [",
+    "while parsing a flow mapping": "the {",
+    "while scanning a quoted scalar": "the quote",
+}
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's problem, and where to look. An unclosed ``[``, ``{`` or quote breaks on a later
+    line than the one to fix, so the line that opened it (PyYAML's ``context_mark``) is named
+    beside the one where it broke (``problem_mark``, the error's line)."""
+    problem = exc.problem or exc.context or "invalid YAML"
+    start, end = exc.context_mark, exc.problem_mark
+    here = "; check the indentation and quoting here"
+    if not exc.problem or not exc.context:
+        return problem + here
+    if start is None or end is None or start.line == end.line:
+        return f"{problem} ({exc.context}){here}"
+    opened = _OPENED_BY.get(exc.context)
+    if opened:
+        return (f"{problem} ({opened} opened on line {start.line + 1} is not closed); close "
+                "it, or check the indentation and quoting")
+    return (f"{problem} ({exc.context} that starts on line {start.line + 1}); check the "
+            f"indentation and quoting here and on line {start.line + 1}")
 
 
 def _is_null(node: yaml.Node) -> bool:

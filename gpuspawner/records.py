@@ -45,6 +45,10 @@ class GPU(JSONRecord):
     mig_pending: bool | None = None
     #: Compute slices a MIG-capable GPU is cut into (7 on A100/H100); 0 when MIG is unsupported.
     total_slices: int = 0
+    #: Why the GPU cannot be given out now (NVML failed on it: lost, refused, changing), or
+    #: None. An unavailable GPU stays listed, so a container holding it is not told its GPU is
+    #: gone, but the allocator never chooses it nor counts it free.
+    unavailable: str | None = None
 
     @property
     def slot(self) -> str:
@@ -69,6 +73,8 @@ class MigDevice(JSONRecord):
     memory_mib: int
     slices: int  # compute slices of this GPU instance
     total_slices: int  # compute slices of the parent GPU
+    #: Why the device cannot be given out now (its GPU is unavailable), or None; see GPU.
+    unavailable: str | None = None
 
     @property
     def equivalents(self) -> float:
@@ -93,6 +99,10 @@ class Inventory(JSONRecord):
     #: Things an admin should know: MIG enabled without instances, a pending MIG change,
     #: a driver NVML could not load. Reported, never hidden.
     problems: tuple[str, ...] = ()
+    #: NVML answered as a non-root user: what it refused and what reading as root would add
+    #: (exact MIG profile names, the total memory of MIG-enabled GPUs); None otherwise.
+    #: Also one of ``problems``.
+    unprivileged: str | None = None
 
     def by_uuid(self) -> dict[str, Device]:
         found: dict[str, Device] = {g.uuid: g for g in self.gpus}

@@ -20,6 +20,7 @@ from .records import RUNNING, Allocation, Device, Inventory, JSONRecord, MigDevi
 #: A device that two or more running containers hold (DESIGN.md "What taken means"); it wins
 #: over every other state, since only a person can settle it.
 CONFLICT = "conflict"
+UNAVAILABLE = "unavailable"  # a device no one holds that NVML fails on: never given out
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -37,8 +38,11 @@ class DeviceView(JSONRecord):
     #: Container ids: those that hold the device itself; for a conflict, every running
     #: container on it (a whole-GPU holder of a MIG slice's parent included).
     holders: tuple[str, ...]
-    #: "free" | "running" | "held" | "created" | "unmanaged" | "mig-parent" | "conflict"
+    #: "free" | "running" | "held" | "created" | "unmanaged" | "mig-parent" | "conflict" |
+    #: "unavailable" (no holder, and NVML fails on it: never given out)
     state: str
+    #: Why it is unavailable (``allocator.unavailable``), whatever its state.
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ class Snapshot:
             if clash:
                 state, own = CONFLICT, list(clash)
             elif not blockers:
-                state = "free"
+                state = UNAVAILABLE if allocator.unavailable(self.inventory, device) else "free"
             elif not own:
                 state = "mig-parent"  # taken only through its parent or children
             elif any(not a.managed for a in own):
@@ -157,6 +161,7 @@ class Snapshot:
                     equivalents=device.equivalents,
                     holders=tuple(a.container_id for a in own),
                     state=state,
+                    reason=allocator.unavailable(self.inventory, device),
                 )
             )
         return tuple(rows)

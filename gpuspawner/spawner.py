@@ -13,6 +13,7 @@ import inspect
 import random
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import default
 
-from . import allocator, events, form, inventory, labels, ports, spawnplan
+from . import allocator, boot, cuda, events, form, inventory, labels, ports, spawnplan
 from . import ledger as ledger_mod
 from .allocator import Refusal
 from .errors import docker_down, refuse, refused
@@ -32,6 +33,7 @@ from .ledger import Ledger, LedgerError
 from .policy import Policy, PolicyError, PolicyFile
 from .profiles import (
     DEFAULT,
+    IMAGE_OPTION,
     Chosen,
     Profile,
     ProfileError,
@@ -48,6 +50,9 @@ from .records import Inventory
 from .snapshot import Snapshot, take
 from .traits import GPUSpawnerTraits
 from .waiters import Waiters
+
+#: When the hub's process loaded gpuspawner: the start of its boot window.
+_LOADED = time.monotonic()
 
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 _RETRYABLE_CALLS = {
@@ -97,7 +102,10 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self._reset_progress()
         if not GPUSpawner._engine_checked:
             GPUSpawner._engine_checked = True
-            self._log_engine()
+            try:  # on the hub's loop: ask Docker from a thread, never block the hub's start
+                asyncio.get_running_loop().run_in_executor(self.executor, self._log_engine)
+            except RuntimeError:  # no loop (a script, a test): ask now
+                self._log_engine()
 
     def _log_engine(self) -> None:
         """Say once, at start-up, whether Docker answers: a hub must come up without it."""
@@ -141,7 +149,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     def event_log(self) -> EventLog:
         key = self.events_file or ""
         if key not in self._event_logs:
-            self._event_logs[key] = EventLog(self.events_file)
+            self._event_logs[key] = EventLog(self.events_file, max_bytes=self.events_max_bytes,
+                                             keep_files=self.events_keep)
         return self._event_logs[key]
 
     @property
@@ -174,12 +183,23 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 500,
             ) from exc
 
+    _readers: ClassVar[dict[tuple[str, str], inventory.Reader]] = {}
+
+    @property
+    def inventory_reader(self) -> inventory.Reader:
+        """One reader per inventory source for the hub process: NVML on a thread of its own,
+        a read shared by every spawn and kept briefly."""
+        key = (self.inventory_source, self.topology_file or "")
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = inventory.Reader(
+                self.inventory_source, topology_file=self.topology_file, logger=self.log)
+        return reader
+
     def read_inventory(self) -> Inventory:
         """The GPUs; an inventory that cannot be read leaves CPU servers working."""
         try:
-            return inventory.read(
-                self.inventory_source, topology_file=self.topology_file, logger=self.log
-            )
+            return self.inventory_reader.read_blocking()
         except inventory.InventoryError as exc:
             self.log.error("GPU inventory (%s) cannot be read: %s", self.inventory_source, exc)
             return Inventory(source="none", problems=(f"the GPU inventory cannot be read: {exc}",))
@@ -220,8 +240,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         ``profile_list``."""
         profiles = await self._profiles()
         if profiles:
-            limits = self.load_policy().for_user(self.user.name, self._groups()).limits
-            profiles = permitted(profiles, limits)
+            policy = await self._run(self.load_policy)  # a file read and YAML: off the loop
+            profiles = permitted(profiles, policy.for_user(self.user.name, self._groups()).limits)
         else:
             profiles = [DEFAULT]
         return with_images(profiles, self._get_allowed_images(), self._unapplied("image"))
@@ -236,9 +256,11 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             return form.error("Your policy allows none of this hub's profiles; ask an admin.")
         if not everything and not profiles[0].options:
             return ""  # DockerSpawner's server, nothing to choose
+        blocked: dict[str, str] = {}
         try:
             snap = await self.snapshot()
             free, has_gpus, trouble = snap.free_by_profile(), bool(snap.inventory.gpus), None
+            blocked = await self._cuda_blocked(profiles, snap.inventory)
         except web.HTTPError as exc:
             free, has_gpus, trouble = {}, True, exc.log_message
         last = dict(self.user_options or {})
@@ -247,7 +269,29 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             picked = dict(resolve(last, profiles, everything).choices)
         except ProfileRefused:
             picked = {}
-        return form.render(profiles, free, has_gpus, trouble, chosen, picked)
+        return form.render(profiles, free, has_gpus, trouble, chosen, picked, blocked)
+
+    async def _cuda_blocked(self, profiles: list[Profile], inv: Inventory) -> dict[str, str]:
+        """GPU profiles whose image this driver cannot start (``cuda.check``), with the
+        sentence: the form shows them unavailable. Images not on the engine yet, and
+        profiles that offer an image choice, are checked at the spawn."""
+        host, verdicts, out = cuda.Host.of(inv), {}, {}
+        for profile in profiles:
+            if not profile.wants_gpu or profile.option(IMAGE_OPTION) is not None:
+                continue
+            image = profile.overrides.get("image") or self._unapplied("image")
+            env = profile.overrides.get("environment")
+            key = (image, tuple(sorted((env or {}).items())))
+            if key not in verdicts:
+                try:
+                    info = await self.docker("inspect_image", image)
+                    verdicts[key] = cuda.check(cuda.image_env(info), host, image=image,
+                                               container_env=env)
+                except docker.errors.DockerException:
+                    verdicts[key] = None
+            if verdicts[key]:
+                out[profile.slug] = verdicts[key]
+        return out
 
     @default("options_form")
     def _default_options_form(self) -> Any:
@@ -319,12 +363,30 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     # ------------------------------------------------------------------ Docker calls
 
-    def _docker(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Docker calls of every server run on this pool: DockerSpawner's single thread would
+        put one spawn's slow call in front of every other spawn and poll."""
+        cls = GPUSpawner
+        if cls._gpu_executor is None:
+            cls._gpu_executor = ThreadPoolExecutor(self.docker_threads,
+                                                   thread_name_prefix="gpuspawner-docker")
+        return cls._gpu_executor
+
+    _gpu_executor: ClassVar[ThreadPoolExecutor | None] = None
+
+    def docker(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Future:
+        """DockerSpawner's ``docker()``, retrying transient failures with ``asyncio.sleep``
+        between tries (never a sleeping executor thread)."""
+        return asyncio.ensure_future(self._docker_retrying(method, *args, **kwargs))
+
+    async def _docker_retrying(self, method: str, *args: Any, **kwargs: Any) -> Any:
         attempts = self.docker_retries if method in _RETRYABLE_CALLS else 0
         delay = 0.5
         for attempt in range(attempts + 1):
             try:
-                return super()._docker(method, *args, **kwargs)
+                return await asyncio.wrap_future(
+                    self.executor.submit(self._docker, method, *args, **kwargs))
             except docker.errors.APIError as exc:
                 server_side = exc.response is not None and exc.response.status_code >= 500
                 if not server_side or attempt == attempts or "unknown device" in str(exc):
@@ -334,9 +396,22 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 if attempt == attempts:
                     raise
                 self.log.warning("Docker %s failed (%s); retrying in %.1fs", method, exc, delay)
-            time.sleep(delay + random.random() * 0.2)
+            await asyncio.sleep(delay + random.random() * 0.2)
             delay *= 2
         raise AssertionError("unreachable")
+
+    async def get_object(self):
+        """DockerSpawner's, except that an engine answering 5xx is an error, not "the
+        container is gone": a poll must never report a running server stopped because the
+        engine hiccupped, and a spawn must never plan as if the container did not exist."""
+        try:
+            obj = await self.docker("inspect_container", self.object_name)
+        except docker.errors.NotFound:
+            self.log.info("Container '%s' is gone", self.object_name)
+            self.object_id = ""
+            return None
+        self.object_id = obj[self.object_id_key]
+        return obj
 
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
@@ -387,9 +462,35 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self._plan = None
             self._waiters.leave(self._log_name)
 
+    async def _await_host(self, profile: Profile) -> None:
+        """In the boot window (``boot_timeout`` after the hub started): wait, saying what for,
+        while the host still lacks what this spawn needs (``boot.missing``); refuse with the
+        same words before the hub's start time-out. After the window the usual refusals
+        speak."""
+        if time.monotonic() - _LOADED > self.boot_timeout:
+            return
+        own_deadline = time.monotonic() + max(0.0, float(self.start_timeout) - 15)
+        while True:
+            try:
+                snap = await self.snapshot()
+                what = boot.missing(
+                    True, snap.inventory if profile.wants_gpu else None,
+                    [profile.mig_profile] if profile.mig_profile else [],
+                    had_gpus=any(a.uuids for a in snap.allocations))
+            except web.HTTPError:
+                what = [boot.DOCKER]
+            now = time.monotonic()
+            if not what or now - _LOADED > self.boot_timeout:
+                return
+            if now >= own_deadline:
+                raise refuse(boot.sentence(what) + "; try again in a minute.", "booting", 503)
+            self._progress(5, boot.sentence(what))
+            await asyncio.sleep(2)
+
     async def _start(self):
         chosen = await self.resolve_options()
         profile = chosen.profile
+        await self._await_host(profile)
         self._apply_overrides(chosen.overrides)
         # The slug in user_options is what JupyterHub's admin panel shows for the server.
         self.user_options = {**(self.user_options or {}), "profile": profile.slug}
@@ -398,13 +499,15 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self._progress(10, f"Profile {profile.display_name} ({profile.request_label()})")
         await self.pull_image(self.image)
         image = self.image
+        await self._check_cuda(profile, image)
         wanted_ports = self._wanted_ports(profile)
-        limits = self.load_policy().for_user(self.user.name, self._groups()).limits
+        policy = await self._run(self.load_policy)  # a file read and YAML: off the loop
+        limits = policy.for_user(self.user.name, self._groups()).limits
         quota = limits.max_gpu_equivalents
         self._progress(15, "Policy checked: " + (
             "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
         waited = False
-        for _attempt in range(5):
+        for _attempt in range(8):
             self.image = image
             async with self._lock():
                 snap = await self.snapshot()
@@ -417,17 +520,27 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 waited = True
                 await self._wait_for_device(request, limits)
                 continue
-            lost = await self._race(running=False)
-            if not lost:
-                if not await self._start_container():
-                    continue  # the device vanished at the start: plan again
-                lost = await self._race(running=True)
+            try:
+                lost = await self._race(running=False)
                 if not lost:
-                    break
+                    if not await self._start_container():
+                        continue  # the device or a port was taken at the start: plan again
+                    lost = await self._race(running=True)
+                    if not lost:
+                        break
+            except BaseException:
+                # A check after the create failed (Docker, a cancelled spawn): the container
+                # this spawn made must not sit on its device until the start time-out.
+                await asyncio.shield(self._drop_own(spawnplan.START_FAILED))
+                raise
             await self._back_off(lost)
         else:
-            raise refuse("Could not allocate a device after several tries (other servers "
-                         "kept taking them); try again.", "race", 503)
+            raise refuse("Could not allocate a device and ports after several tries (other "
+                         "servers kept taking them); try again.", "race", 503)
+        if self.image.startswith(ledger_mod.SAVED_REPOSITORY + "/"):
+            # Started from a saved copy: only now is the copy not needed any more (a spawn
+            # that fails before this point leaves it for the next start).
+            await self._run(ledger_mod.claim, self.client, self.image)
         self.ledger.forget(self.object_id)
         self.event_log.write(events.CONTAINER_START, user=self.user.name, server=self.name,
                              container=self.object_name, reused=self._plan.action == "reuse")
@@ -436,6 +549,23 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         ip, port = await self.get_ip_and_port()
         self._progress(90, "Server started; waiting for Jupyter to answer")
         return ip, port
+
+    async def _check_cuda(self, profile: Profile, image: str) -> None:
+        """Refuse at once an image whose ``NVIDIA_REQUIRE_*`` this driver does not meet: the
+        NVIDIA runtime would refuse its start after the create, a bare 500 for the user."""
+        if not profile.wants_gpu:
+            return  # a CPU server sees no GPU (NVIDIA_VISIBLE_DEVICES=void): nothing checks
+        try:
+            info = await self.docker("inspect_image", image)
+        except docker.errors.ImageNotFound:
+            return  # the create says so, as for any image
+        inv = await self._run(self.read_inventory)
+        sentence = cuda.check(cuda.image_env(info), cuda.Host.of(inv), image=image,
+                              container_env=self.get_env())
+        if sentence:
+            self.event_log.write(events.GPU_REFUSE, user=self.user.name, server=self.name,
+                                 code=cuda.CODE, reason=sentence, holders=[])
+            raise refuse(sentence, cuda.CODE, 409)
 
     def _port_free(self, port: int) -> bool:
         return ports.host_port_free(port, self.ports_host_ip or self.host_ip)
@@ -460,6 +590,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             ports=tuple(sorted(wanted.items())), port_range=tuple(self.port_range),
             on_gpu_lost=self.on_gpu_lost, replace_with=self.replace_with, remove=self.remove,
             strategy=self.allocation_strategy, saved_image=saved, image=self.image,
+            avoid_ports=self._avoided_ports(),
             now=datetime.now(timezone.utc),
         )
 
@@ -516,8 +647,6 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self._progress(60, f"Container {self.object_name} created")
         if plan.replaced is not None:
             await self._retire(plan.replaced, saved=True)
-        if self.image.startswith(ledger_mod.SAVED_REPOSITORY + "/"):
-            await self._run(ledger_mod.claim, self.client, self.image)
         return plan
 
     async def _save(self, removal: spawnplan.Removal) -> str:
@@ -577,13 +706,27 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     async def _drop_own(self, reason: str) -> None:
         """Remove the container this spawn created (never one it reused: that one is the
-        user's, and the next plan replaces it without loss if it must)."""
-        if self._plan is not None and self._plan.creates:
+        user's, and the next plan replaces it without loss if it must). Once: the plan is
+        done with afterwards. A saved copy it was made from is still tagged (``claim`` comes
+        only after a successful start), so nothing the user made goes with it."""
+        plan, self._plan = self._plan, None
+        if plan is not None and plan.creates:
             await self._retire(spawnplan.Removal(self.object_id, self.object_name, reason,
                                                  self.user.name, False, self.name))
 
+    #: host port -> when Docker last refused to bind it (``time.monotonic``)
+    _ports_taken: ClassVar[dict[int, float]] = {}
+    #: Seconds a refused port is avoided: long enough for a stray to be found and stopped.
+    PORT_AVOID_SECONDS = 600.0
+
+    def _avoided_ports(self) -> tuple[int, ...]:
+        now = time.monotonic()
+        return tuple(sorted(port for port, when in GPUSpawner._ports_taken.items()
+                            if now - when < self.PORT_AVOID_SECONDS))
+
     async def _start_container(self) -> bool:
-        """Start; False when the device vanished at the start (the caller plans again)."""
+        """Start; False when the device vanished or a host port was taken at the start (the
+        caller plans again)."""
         self._progress(70, "Starting the container")
         try:
             await self.start_object()
@@ -592,8 +735,19 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             # A container this spawn made that cannot start is a failed spawn: it must not
             # sit on its device until the start time-out runs out.
             await self._drop_own(spawnplan.START_FAILED)
+            port = spawnplan.taken_port(str(exc))
+            if port is not None:
+                # Something the hub cannot see (it may live in a container's network
+                # namespace) has this host port: avoid it for a while, for every server.
+                GPUSpawner._ports_taken[port] = time.monotonic()
+                self.event_log.write(events.PORT_TAKEN, user=self.user.name, server=self.name,
+                                     container=self.object_name, port=port)
+                self._progress(65, f"Host port {port} is used by something else on the host; "
+                                   "choosing another")
+                return False
             if "unknown device" not in str(exc):
                 raise
+            self.inventory_reader.invalidate()  # the next plan reads the GPUs again
             self.log.warning("GPU vanished while starting %s: %s", self.object_name, exc)
             self._progress(65, "The GPU device vanished at the start; choosing again")
             self._plan = None

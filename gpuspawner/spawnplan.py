@@ -13,6 +13,7 @@ another running holder wins; otherwise the earlier Docker ``Created`` wins.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,7 @@ REPLACE = "replace"  # a new container in place of the server's own, without los
 # Why a container is removed (stable: the operation log and tests read them).
 GPU_GONE = "gpu-gone"  # its device no longer exists (MIG re-created, GPU removed)
 GPU_GIVEN_AWAY = "gpu-given-away"  # its device went to someone else after the hold
+GPU_UNAVAILABLE = "gpu-unavailable"  # NVML fails on its GPU (lost, no permission, ...)
 PROFILE_CHANGED = "profile-changed"
 IMAGE_CHANGED = "image-changed"
 PORTS_CHANGED = "ports-changed"
@@ -51,7 +53,7 @@ PORTS = "ports"
 BUSY = "busy"  # the server's own container runs already and holds what another needs
 
 #: Reasons the user's own container must be replaced because of its GPU.
-_GPU_REASONS = frozenset({GPU_GONE, GPU_GIVEN_AWAY})
+_GPU_REASONS = frozenset({GPU_GONE, GPU_GIVEN_AWAY, GPU_UNAVAILABLE})
 
 _SAVE = "commit"
 _DROP = "remove"
@@ -96,6 +98,9 @@ class SpawnRequest(JSONRecord):
     now: datetime | None = None
     #: The image the profile and the user's choices give (a saved copy is not this).
     image: str | None = None
+    #: Host ports Docker recently refused to bind ("port is already allocated"): something
+    #: the hub cannot see (from a container's network namespace) uses them.
+    avoid_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -324,8 +329,8 @@ def plan(
 
     previous = dict(own.ports) if own is not None and ours else {}
     try:
-        chosen = ports.choose(wanted, tuple(req.port_range), _others_ports(snap, own), previous,
-                              port_free)
+        chosen = ports.choose(wanted, tuple(req.port_range), _others_ports(snap, own, req),
+                              previous, port_free)
     except ports.PortsExhausted as exc:
         return Refusal(PORTS, str(exc))
 
@@ -377,11 +382,25 @@ def chosen_image(env: Sequence[str] | None) -> str | None:
     return None
 
 
-def _others_ports(snap: Snapshot, own: Allocation | None) -> frozenset[int]:
-    """Host ports someone else uses or was promised: all but the server's own container's."""
+def _others_ports(snap: Snapshot, own: Allocation | None, req: SpawnRequest) -> frozenset[int]:
+    """Host ports someone else uses or was promised (all but the server's own container's),
+    and those Docker lately refused to bind."""
+    avoid = frozenset(req.avoid_ports)
     if own is None:
-        return snap.reserved_ports()
-    return snap.reserved_ports(excluding=own.container_id) - set(own.published)
+        return snap.reserved_ports() | avoid
+    return (snap.reserved_ports(excluding=own.container_id) | avoid) - set(own.published)
+
+
+_PORT_TAKEN = re.compile(
+    r"(?:Bind for \S*?:(\d+) failed: port is already allocated"
+    r"|listen tcp[46]? \S*?:(\d+): bind: address already in use)")
+
+
+def taken_port(message: str) -> int | None:
+    """The host port in Docker's refusal to publish it (another container has it, or a host
+    process listens on it), or None when the message is about something else."""
+    found = _PORT_TAKEN.search(message)
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 def _cannot_reuse(
@@ -404,6 +423,10 @@ def _cannot_reuse(
         if gone:
             return GPU_GONE, (f"Your previous GPU device {gone[0]} no longer exists (the GPU "
                               "was re-partitioned or the host rebooted)")
+        for uuid in own.uuids:
+            why = allocator.unavailable(snap.inventory, present[uuid])
+            if why:
+                return GPU_UNAVAILABLE, f"Your previous GPU device {uuid} is unavailable ({why})"
         if own.disagrees:
             return DEVICES_DISAGREE, "Your container's devices differ from its labels"
         return GPU_GIVEN_AWAY, ("Your previous GPU slot was given to someone else after your "
@@ -412,7 +435,7 @@ def _cannot_reuse(
         return DEVICES_DISAGREE, "Your container's devices differ from its labels"
     if set(dict(own.ports)) != set(wanted):
         return PORTS_CHANGED, "The published ports changed"
-    others = _others_ports(snap, own)
+    others = _others_ports(snap, own, req)
     for name, port in own.ports:
         # A port the container itself publishes (it runs) is not someone else's.
         if port in others or (port not in own.published and not port_free(port)):

@@ -6,6 +6,7 @@ them, and they are configured as ``c.GPUSpawner.<name>`` like any spawner trait.
 
 from __future__ import annotations
 
+from jupyterhub.traitlets import ByteSpecification
 from traitlets import (
     Callable as CallableTrait,
 )
@@ -143,6 +144,15 @@ class GPUSpawnerTraits(Configurable):
         with the reason.""",
     )
 
+    boot_timeout = Float(
+        300,
+        config=True,
+        help="""Seconds after the hub starts during which a spawn waits for the GPU host to
+        come up (Docker, the NVIDIA driver, the MIG devices a boot script re-creates), showing
+        what it waits for, instead of failing or moving a restarting server off its slice.
+        Each spawn waits at most until shortly before its ``start_timeout``. 0: never wait.""",
+    )
+
     allocation_strategy = CaselessStrEnum(
         [allocator.PACK, allocator.SPREAD],
         default_value=allocator.PACK,
@@ -159,9 +169,40 @@ class GPUSpawnerTraits(Configurable):
         containers). Unset: kept in memory only, and in the hub's log.""",
     )
 
+    events_max_bytes = ByteSpecification(
+        10 * 1024 * 1024,
+        allow_none=False,
+        config=True,
+        help="""Size at which the operation log (``events_file``) is rotated: the file is
+        renamed to ``<events_file>.1`` (the older ones to ``.2``, ``.3``, …) and a new one is
+        started. A number of bytes or a string with a suffix K, M, G, T (powers of 1024), e.g.
+        ``"10M"``. 0: never rotated. The admin service rotates the same file at the same size
+        (``admin.service(c)`` passes it on as ``GPUSPAWNER_EVENTS_MAX_BYTES``).""",
+    )
+
+    events_keep = Int(
+        5,
+        min=0,
+        config=True,
+        help="""Rotated operation logs kept (``<events_file>.1`` … ``.<events_keep>``); the
+        oldest is deleted at the next rotation. The log takes at most about
+        ``(events_keep + 1) * events_max_bytes`` on disk. Passed to the admin service as
+        ``GPUSPAWNER_EVENTS_KEEP``.""",
+    )
+
     docker_retries = Int(
         3,
         config=True,
         help="""Times a Docker call that failed for a transient reason (engine restarting,
         connection refused, 5xx) is retried, with backoff, before the spawn fails.""",
     )
+
+    docker_threads = Int(
+        8,
+        min=1,
+        max=64,
+        config=True,
+        help="""Threads that make Docker calls for all servers at once (DockerSpawner uses
+        one, so a slow call of one spawn holds up every other spawn and poll).""",
+    )
+

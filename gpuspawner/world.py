@@ -120,7 +120,15 @@ class World:
         return self._policy.current()
 
     def read_inventory(self) -> Inventory:
-        return inventory.read(self.inventory_source, topology_file=self.topology)
+        """Through an ``inventory.Reader`` (NVML on its own thread, never twice at once, what
+        a failing GPU was known to be kept from the last read), not cached beyond this
+        world's own ``max_age``."""
+        if self._reader is None:
+            self._reader = inventory.Reader(self.inventory_source, topology_file=self.topology,
+                                            ttl=0.0)
+        return self._reader.read_blocking()
+
+    _reader: inventory.Reader | None = None
 
     def snapshot(self, fresh: bool = False) -> Snapshot:
         """One read of the world, or the one taken less than ``max_age`` seconds ago."""

@@ -61,6 +61,8 @@ _FROM_SPAWNER: tuple[tuple[str, str], ...] = (
     ("inventory_source", "GPUSPAWNER_INVENTORY"),
     ("topology_file", "GPUSPAWNER_TOPOLOGY"),
     ("events_file", "GPUSPAWNER_EVENTS"),
+    ("events_max_bytes", "GPUSPAWNER_EVENTS_MAX_BYTES"),
+    ("events_keep", "GPUSPAWNER_EVENTS_KEEP"),
     ("port_range", "GPUSPAWNER_PORTS"),
     ("hub_id", "GPUSPAWNER_HUB_ID"),
     # JupyterHub's Spawner.start_timeout: how long a created container is a spawn in flight.
@@ -73,6 +75,7 @@ _PASS_THROUGH: tuple[str, ...] = (
     "DOCKER_CERT_PATH",
     *(env for _, env in _FROM_SPAWNER),
     "GPUSPAWNER_ADMIN_IDLE",
+    "GPUSPAWNER_ADMIN_DOCKER_EVENTS",
 )
 
 

@@ -12,7 +12,9 @@ Actions are POST only, with the Hub's XSRF protection for cookie sessions (a req
 ``Authorization`` header is a script: browsers never add that header cross-site, and a bad
 token never falls back to the cookie). Every action is written to the operation log with
 the admin's name, and so is every device conflict (two running holders) the first time a
-snapshot of the service shows it.
+snapshot of the service shows it. What Docker itself does to a container that holds a device
+(created, started, died, stopped, removed, by anyone) is written by a thread that follows
+Docker's event stream (``dockerevents``).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ from tornado.httpserver import HTTPServer
 
 from .. import events, health
 from ..inventory import InventoryError
-from ..ledger import LedgerError
+from ..ledger import LedgerError, connect
 from ..policy import PolicyError
 from ..records import JSONRecord
 from ..snapshot import Snapshot
 from ..world import ReleaseRefused
 from . import VIEW_SCOPE, metrics, views
+from .dockerevents import DockerEvents
 from .hubapi import HubAPI, HubUser
 from .render import PAGES, STATIC, Page, Renderer
 from .settings import Settings, SettingsError
@@ -101,12 +104,23 @@ class Admin:
         self.hub = hub
         self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="gpuadmin")
         self.renderer = Renderer()
-        self.event_log = events.EventLog(settings.events)
+        self.event_log = events.EventLog(settings.events, max_bytes=settings.events_max_bytes,
+                                         keep_files=settings.events_keep)
         self.registry = metrics.registry(self.take, settings.events)
+        #: Follows Docker's events (``start_docker_events``); None until started.
+        self.docker_events: DockerEvents | None = None
         #: What was logged and still present at the last look, per kind of problem:
         #: conflicts (device UUID, container ids), disagreements (container id).
         self._seen: dict[str, set[Any]] = {}
         self._seen_lock = threading.Lock()
+
+    def start_docker_events(self) -> DockerEvents:
+        """Write what Docker does to every device container into the log, in a thread."""
+        if self.docker_events is None:
+            self.docker_events = DockerEvents(
+                self.event_log, partial(connect, self.settings.docker_host))
+            self.docker_events.start()
+        return self.docker_events
 
     def take(self, fresh: bool = False) -> Snapshot:
         """``World.snapshot`` for pages, scrapes and checks alike (blocking), noting conflicts."""
@@ -180,8 +194,26 @@ class Admin:
         else:
             found.append(health.Check("hub-api", health.OK,
                                       f"the Hub API answers at {self.hub.api_url}"))
+        follower = self.docker_events
+        if follower is not None and follower.failure:
+            found.append(health.Check("docker-events", health.WARN,
+                                      f"Docker's events cannot be followed ({follower.failure});"
+                                      " retrying: what happens to GPU containers meanwhile is "
+                                      "written when Docker answers"))
+        elif follower is not None and follower.following.is_set():
+            found.append(health.Check("docker-events", health.OK,
+                                      "following Docker's events of GPU containers"))
+        elif follower is not None:
+            found.append(health.Check("docker-events", health.WARN,
+                                      "not following Docker's events yet (connecting)"))
         path = self.settings.events
-        if not path:
+        failing = self.event_log.failing
+        if path and failing:
+            found.append(health.Check(
+                "operation-log", health.FAIL,
+                f"{path} cannot be written ({failing}); {len(self.event_log.pending())} "
+                "event(s) wait in memory"))
+        elif not path:
             found.append(health.Check(
                 "operation-log", health.WARN,
                 "no operation log (GPUSPAWNER_EVENTS): refusals are not counted and admin "
@@ -324,7 +356,7 @@ class UsersPage(BaseHandler):
 
 class EventsPage(BaseHandler):
     async def get(self) -> None:
-        entries = await self.admin.run(_tail, self.conf.events, 500)
+        entries = await self.admin.run(self.admin.event_log.read, 500)
         self.finish(self.admin.renderer.events(self.page(), views.event_rows(entries),
                                                self.conf.events))
 
@@ -334,10 +366,6 @@ class HealthPage(BaseHandler):
         await self.admin.hub_users()  # so that the hub-api check reports a real answer
         checks = await self.admin.run(self.admin.health)
         self.finish(self.admin.renderer.health(self.page(), [c.to_json() for c in checks]))
-
-
-def _tail(path: str | None, limit: int) -> list[dict[str, Any]]:
-    return list(events.tail(path, limit)) if path else []
 
 
 # --------------------------------------------------------------------------- JSON API
@@ -391,7 +419,7 @@ class EventsApi(ApiHandler):
             limit = min(max(int(self.get_argument("limit", "200")), 1), 10_000)
         except ValueError:
             raise web.HTTPError(400, log_message="limit must be a whole number") from None
-        self.write_json(await self.admin.run(_tail, self.conf.events, limit))
+        self.write_json(await self.admin.run(self.admin.event_log.read, limit))
 
 
 class HealthApi(ApiHandler):
@@ -537,6 +565,8 @@ async def serve(settings: Settings) -> None:
     world = World(settings)
     hub = HubAPI(settings.hub_api_url, os.environ.get("JUPYTERHUB_API_TOKEN"))
     admin = Admin(settings, world, hub)
+    if settings.docker_events:
+        admin.start_docker_events()
     server = HTTPServer(make_app(admin), xheaders=True)
     server.listen(settings.bind_port, settings.bind_host)
     log.info("GPU allocations page at %s, listening on %s:%d", settings.prefix,

@@ -3,13 +3,13 @@
 The metrics are computed at scrape time from the same Snapshot the page shows (so a graph
 and the page never disagree), in the service's own CollectorRegistry (so nothing of the
 process's default registry leaks in). Refusals come from the operation log, counted
-incrementally: a scrape reads only the lines written since the last one.
+incrementally: a scrape reads only the lines written since the last one, across rotations.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -19,57 +19,56 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .. import events
 from ..allocator import Taken
 from ..events import GPU_REFUSE
 from ..records import MigDevice
 from ..snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+log = logging.getLogger(__name__)
 
 
 class EventCounter:
     """Counts ``event`` lines of a JSON-lines log by the value of ``key``, reading only new lines.
 
-    A log that shrank or was replaced (rotation) is counted again from its start; Prometheus
-    takes the drop as a counter reset, which is what it is.
+    ``events.LogReader`` does the reading: bounded chunks, the file kept open between scrapes,
+    so a rotation loses nothing and counts nothing twice (the counts only grow while the
+    service runs), and a file truncated in place is read again from its start. At start the
+    current file is counted from its start (not the rotated ones): Prometheus takes the
+    service's restart as a counter reset, which is what it is.
     """
 
-    def __init__(self, path: str | None, event: str = GPU_REFUSE, key: str = "code") -> None:
+    def __init__(self, path: str | None, event: str = GPU_REFUSE, key: str = "code",
+                 chunk: int = events.CHUNK) -> None:
         self.path = path
         self.event = event
         self.key = key
+        self._needle = json.dumps(event).encode()  # cheap test before parsing a line
         self._lock = threading.Lock()
-        self._offset = 0
-        self._inode: int | None = None
+        self._reader = events.LogReader(path, chunk=chunk) if path else None
         self._counts: dict[str, int] = defaultdict(int)
 
     def counts(self) -> dict[str, int]:
-        if not self.path:
+        if self._reader is None:
             return {}
         with self._lock:
             try:
-                stat = os.stat(self.path)
-            except FileNotFoundError:
-                return dict(self._counts)
-            if stat.st_ino != self._inode or stat.st_size < self._offset:
-                self._inode, self._offset = stat.st_ino, 0
-                self._counts = defaultdict(int)
-            if stat.st_size > self._offset:
-                with open(self.path, "rb") as source:
-                    source.seek(self._offset)
-                    chunk = source.read(stat.st_size - self._offset)
-                complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits
-                self._offset += len(complete)
-                for line in complete.splitlines():
+                for line in self._reader.new_lines():
                     self._count(line)
+            except OSError as exc:  # unreadable now: the counts so far, and try again later
+                log.warning("operation log %s cannot be counted: %s", self.path, exc)
             return dict(self._counts)
 
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
     def _count(self, line: bytes) -> None:
-        try:
-            entry = json.loads(line)
-        except ValueError:
+        if self._needle not in line:
             return
-        if isinstance(entry, dict) and entry.get("event") == self.event:
+        entry = events.parse_line(line)
+        if entry is not None and entry.get("event") == self.event:
             self._counts[str(entry.get(self.key) or "unknown")] += 1
 
 

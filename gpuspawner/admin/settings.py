@@ -9,10 +9,12 @@ at start with a sentence naming the variable, instead of a page that half works.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from ..events import DEFAULT_KEEP_FILES, DEFAULT_MAX_BYTES
 from ..inventory import SOURCES
 from ..policy import parse_duration
 from ..records import JSONRecord
@@ -39,6 +41,12 @@ class Settings(JSONRecord):
     inventory: str = "auto"
     topology: str | None = None
     events: str | None = None
+    #: Rotation of the operation log, as the spawner's ``events_max_bytes`` / ``events_keep``.
+    events_max_bytes: int = DEFAULT_MAX_BYTES
+    events_keep: int = DEFAULT_KEEP_FILES
+    #: Follow Docker's event stream and log what happens to every container that holds a
+    #: device (``docker.create`` … ``docker.destroy``), whoever made it.
+    docker_events: bool = True
     ports: tuple[int, int] = (40000, 40999)
     #: Whose containers the page may remove (``Allocation.is_ours``); never unset.
     hub_id: str = DEFAULT_HUB_ID
@@ -81,6 +89,9 @@ class Settings(JSONRecord):
             inventory=inventory,
             topology=env.get("GPUSPAWNER_TOPOLOGY") or None,
             events=env.get("GPUSPAWNER_EVENTS") or None,
+            events_max_bytes=_bytes(env, "GPUSPAWNER_EVENTS_MAX_BYTES", DEFAULT_MAX_BYTES),
+            events_keep=_count(env, "GPUSPAWNER_EVENTS_KEEP", DEFAULT_KEEP_FILES),
+            docker_events=_flag(env, "GPUSPAWNER_ADMIN_DOCKER_EVENTS", True),
             ports=_port_range(env.get("GPUSPAWNER_PORTS") or "40000-40999"),
             hub_id=env.get("GPUSPAWNER_HUB_ID") or DEFAULT_HUB_ID,
             start_timeout=_duration(env, "GPUSPAWNER_START_TIMEOUT",
@@ -97,6 +108,52 @@ def _duration(env: Mapping[str, str], key: str, default: str) -> float:
         return parse_duration(env.get(key) or default)
     except ValueError as exc:
         raise SettingsError(f"{key}: {exc}") from None
+
+
+#: Suffixes of a size, as JupyterHub's ByteSpecification (the spawner's trait) takes them.
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``10485760``, ``10M``, ``10MiB``, ``1.5G`` -> bytes (suffixes are powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size; write e.g. 10485760 or 10M")
+    return int(float(match[1]) * _UNITS[match[2].upper()])
+
+
+def _bytes(env: Mapping[str, str], key: str, default: int) -> int:
+    text = env.get(key)
+    if not text:
+        return default
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise SettingsError(f"{key}: {exc}") from None
+
+
+def _count(env: Mapping[str, str], key: str, default: int) -> int:
+    text = env.get(key)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"{key}={text!r} is not a whole number") from None
+    if value < 0:
+        raise SettingsError(f"{key}={text!r}: need 0 or more")
+    return value
+
+
+def _flag(env: Mapping[str, str], key: str, default: bool) -> bool:
+    text = (env.get(key) or "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{key}={text!r}: write 1 or 0")
 
 
 def _port_range(text: str) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from ..records import (
     JSONRecord,
     MigDevice,
 )
-from ..snapshot import CONFLICT, DeviceView, Snapshot
+from ..snapshot import CONFLICT, UNAVAILABLE, DeviceView, Snapshot
 from ..world import release_refusal
 from .hubapi import HubUser
 
@@ -47,10 +47,11 @@ STATES: tuple[tuple[str, str], ...] = (
     (EXPIRED, "hold expired"),
     (UNMANAGED, "unmanaged holder"),
     (CONFLICT, "two running holders"),
+    (UNAVAILABLE, "unavailable (NVML fails on it)"),
     (MISSING, "UUID gone"),
 )
 _FROM_DEVICE_STATE = {RUNNING: RUNNING, HELD: HELD, CREATED: STARTING, UNMANAGED: UNMANAGED,
-                      CONFLICT: CONFLICT}
+                      CONFLICT: CONFLICT, UNAVAILABLE: UNAVAILABLE}
 _DOCKER_RUNNING = frozenset({"running", "paused", "restarting"})
 
 
@@ -216,6 +217,8 @@ def _block(
 ) -> Block:
     if state == FREE:
         label = "free"
+    elif state == UNAVAILABLE:
+        label = f"unavailable: {view.reason}"
     elif state == MISSING:
         label = _who(holders[0]) if holders else "gone"
     else:
@@ -230,7 +233,8 @@ def _block(
         state=state,
         label=label,
         slices=max(1, slices),
-        title=_title(kind, view.slot, view.uuid, state, holders, snap),
+        title=_title(kind, view.slot, view.uuid, state, holders, snap)
+        + (f"\nunavailable: {view.reason}" if view.reason else ""),
         holders=tuple(holder(snap, a, hub_id) for a in holders),
         until=_iso(until),
     )

@@ -439,3 +439,28 @@ def test_the_console_script(engine: Any, gpusim: Any, base_image: str, tmp_path:
     assert broken.returncode == 2
     assert f"{bad} line 2: defaults.priority must be a whole number" in broken.stderr
     assert script("--help").returncode == 0
+
+
+def test_wait_returns_when_the_mig_devices_are_made(gpuspawner: Run, gpusim: Any):
+    """After a power-cycle: MIG mode survived, the devices are not made yet."""
+    state = gpusim.state()
+    for gpu in state["gpus"]:
+        gpu["mig_devices"] = []
+    gpusim.install(state)
+    code, out, err = gpuspawner("wait", "--timeout", "3", "--mig", "1g.10gb")
+    assert code == 1
+    assert "The GPU host is still starting (waiting for MIG devices (1g.10gb))" in out
+    assert "still waiting after 3 s: MIG devices (1g.10gb)" in err
+    gpusim.install("a100x4")
+    code, out, _ = gpuspawner("wait", "--timeout", "3", "--mig", "1g.10gb")
+    assert (code, out.strip()) == (0, "the GPU host is ready")
+
+
+def test_wait_for_docker_and_the_driver(gpuspawner: Run, gpusim: Any, tmp_path: Path):
+    code, out, _ = gpuspawner("wait", "--timeout", "1", docker_host=missing_socket(tmp_path))
+    assert code == 1 and "waiting for the Docker engine" in out
+    gpusim.install({"driver_version": "550.90.07", "cuda_version": "12.4", "gpus": []})
+    code, out, _ = gpuspawner("wait", "--timeout", "1", "--gpus")
+    assert code == 1 and "waiting for the NVIDIA driver" in out
+    code, out, _ = gpuspawner("wait", "--timeout", "1")  # a host without GPUs: nothing to wait
+    assert code == 0

@@ -102,6 +102,8 @@ def expand(data: Mapping[str, Any], source: str = "topology") -> dict[str, Any]:
         "root": bool(data.get("root", True)),
         "gpus": [],
     }
+    if data.get("faults"):
+        out["faults"] = copy.deepcopy(dict(data["faults"]))
     seen: set[str] = set()
     for position, entry in enumerate(data["gpus"]):
         where = f"{source}: GPU {entry.get('index', position)}"
@@ -305,6 +307,67 @@ def read_hook_log(path: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+_ERROR_CODES: dict[str, int] = {}
+
+
+def error_code(error: str | int) -> int:
+    """An NVML error code from its number or its class name (``"GpuIsLost"``,
+    ``"NVMLError_GpuIsLost"``), as the fake's error classes (and nvidia-ml-py's) name them."""
+    if isinstance(error, int):
+        return error
+    if not _ERROR_CODES:
+        spec = importlib.util.spec_from_file_location("gpusim_fake_pynvml_errors",
+                                                      FAKE_DIR / "pynvml.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        for code, cls in module.NVMLError._valClassMapping.items():
+            _ERROR_CODES[cls.__name__.removeprefix("NVMLError_")] = code
+    name = error.removeprefix("NVMLError_")
+    if name not in _ERROR_CODES:
+        raise ValueError(f"no NVML error named {error!r}; one of {sorted(_ERROR_CODES)}")
+    return _ERROR_CODES[name]
+
+
+def add_fault(
+    state_path: str | os.PathLike[str],
+    error: str | int,
+    *,
+    gpu: int | None = None,
+    functions: Iterable[str] | None = None,
+    times: int | None = None,
+) -> str:
+    """Make NVML calls fail with ``error`` (see the fake's docstring): those about GPU index
+    ``gpu`` (its handle, its MIG devices' handles, looking it up), or every call; only
+    ``functions`` if given; ``times`` times, or for good. Returns the rule's id."""
+    state = read_state(state_path)
+    rule: dict[str, Any] = {"id": uuidlib.uuid4().hex, "error": error_code(error)}
+    if gpu is not None:
+        rule["gpu"] = _gpu(state, gpu)["uuid"]
+    if functions is not None:
+        rule["functions"] = sorted(functions)
+    if times is not None:
+        rule["times"] = int(times)
+    state.setdefault("faults", {}).setdefault("rules", []).append(rule)
+    _write(state_path, state)
+    return str(rule["id"])
+
+
+def set_nvml_delay(state_path: str | os.PathLike[str], seconds: float) -> None:
+    """Every NVML call takes ``seconds`` (a driver stuck behind a hung GPU)."""
+    state = read_state(state_path)
+    state.setdefault("faults", {})["delay_s"] = float(seconds)
+    _write(state_path, state)
+
+
+def clear_faults(state_path: str | os.PathLike[str]) -> None:
+    """No more injected failures or delay (``root`` stays as it is)."""
+    state = read_state(state_path)
+    state.pop("faults", None)
+    _write(state_path, state)
+
+
 def load_fake_nvml() -> ModuleType:
     """A fresh copy of the fake ``pynvml`` module, under its own name.
 
@@ -356,10 +419,42 @@ class Simulator:
         set_pending_mig(self.state_path, index, mode)
 
     def set_root(self, root: bool) -> None:
-        """``root: false`` makes GPU-instance lookups fail like they do for a non-root hub."""
+        """``root: false``: NVML as a non-root hub meets it: GPU-instance lookups and the
+        memory of a MIG-enabled GPU raise ``NVMLError_NoPermission``, nothing else does."""
         state = self.state()
         state["root"] = bool(root)
         _write(self.state_path, state)
+
+    def lose_gpu(self, index: int) -> str:
+        """GPU ``index`` falls off the bus but stays counted, as NVML does it (Xid 79): looking
+        it up by index or UUID, and every call on its handle or its MIG devices' handles,
+        raise ``NVMLError_GpuIsLost``; the other GPUs answer. Returns the fault's id."""
+        return add_fault(self.state_path, "GpuIsLost", gpu=index)
+
+    def fail_gpu(
+        self,
+        index: int,
+        error: str | int,
+        functions: Iterable[str] | None = None,
+        times: int | None = None,
+    ) -> str:
+        """NVML calls about GPU ``index`` (only ``functions`` if given) raise ``error``
+        (``"NoPermission"``, ``"Unknown"``, a code), ``times`` times or for good."""
+        return add_fault(self.state_path, error, gpu=index, functions=functions, times=times)
+
+    def fail_calls(
+        self, times: int, error: str | int = "Unknown", functions: Iterable[str] | None = None
+    ) -> str:
+        """The next ``times`` NVML calls (of ``functions`` if given) raise ``error``, then
+        calls answer again: a driver that hiccups. Counted per process that loads the fake."""
+        return add_fault(self.state_path, error, functions=functions, times=times)
+
+    def set_nvml_delay(self, seconds: float) -> None:
+        """Every NVML call takes ``seconds``."""
+        set_nvml_delay(self.state_path, seconds)
+
+    def clear_faults(self) -> None:
+        clear_faults(self.state_path)
 
     def hook_calls(self) -> list[dict[str, Any]]:
         return read_hook_log(self.hook_log)

@@ -366,3 +366,20 @@ def test_openapi_documents_every_api_route():
     text = json.dumps(spec)
     for ref in set(re.findall(r'"#/components/(\w+)/(\w+)"', text)):
         assert ref[1] in spec["components"][ref[0]], ref
+
+
+def test_a_gpu_nvml_fails_on_is_shown_unavailable_with_the_reason():
+    """Its free slices are not free (never given out): grey, with NVML's reason, escaped."""
+    inv = host(["1g.10gb"] * 2, None)
+    gpu = inv.gpus[0]
+    lost = replace(inv, gpus=(replace(gpu, unavailable="GPU is lost <nvml>"), *inv.gpus[1:]))
+    snap = Snapshot(lost, (), parse_policy(""), frozenset(), NOW, "lab")
+    text = Renderer().overview(page(), snap, "lab")
+    parsed = Slices()
+    parsed.feed(text)
+    blocks = by_uuid(parsed)
+    for mig in inv.migs:
+        assert blocks[mig.uuid]["data-state"] == "unavailable"
+        assert "unavailable: GPU is lost <nvml>" in blocks[mig.uuid]["title"]
+    assert blocks[inv.gpus[1].uuid]["data-state"] == "free"
+    assert "GPU is lost &lt;nvml&gt;" in text and "GPU is lost <nvml>" not in text

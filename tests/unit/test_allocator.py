@@ -198,3 +198,70 @@ def test_both_mig_and_gpus_is_refused():
     assert choose(A100, [], limits(), Request("a", mig_profile="1g.10gb", gpus=1)).code == (
         allocator.FORBIDDEN
     )
+
+
+# ----------------------------------------------------------------- unavailable devices
+
+LOST = "NVML says the GPU is lost"
+
+
+def _down(inventory, *gpu_indexes: int, migs_too: bool = True):
+    """``inventory`` with these GPUs (and, as inventory.read_nvml does, their MIG devices)
+    marked unavailable."""
+    from dataclasses import replace
+
+    gpus = tuple(replace(g, unavailable=LOST) if g.index in gpu_indexes else g
+                 for g in inventory.gpus)
+    migs = tuple(replace(m, unavailable=LOST) if migs_too and m.gpu_index in gpu_indexes
+                 else m for m in inventory.migs)
+    return replace(inventory, gpus=gpus, migs=migs)
+
+
+def test_an_unavailable_slice_is_never_chosen():
+    inv = _down(A100, 0)  # GPU 0's seven 1g.10gb; GPU 1 has two more
+    taken = []
+    for n in range(2):
+        choice = choose(inv, taken, limits(), Request(f"u{n}", mig_profile="1g.10gb"))
+        assert isinstance(choice, Choice) and choice.devices[0].gpu_index == 1
+        taken.append(holding(choice, f"u{n}"))
+    refusal = choose(inv, taken, limits(), Request("late", mig_profile="1g.10gb"))
+    assert isinstance(refusal, Refusal) and refusal.code == allocator.FULL
+    assert "all 2 1g.10gb slices are in use (2/2)" in refusal.message
+
+
+def test_a_slice_of_an_unavailable_gpu_is_not_chosen_even_if_itself_unmarked():
+    inv = _down(A100, 0, migs_too=False)
+    choice = choose(inv, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    assert isinstance(choice, Choice) and choice.devices[0].gpu_index == 1
+    assert free_by_profile(inv, [])["1g.10gb"] == (2, 2)
+
+
+def test_a_profile_that_only_an_unavailable_gpu_has_is_refused_as_unavailable():
+    inv = _down(A100, 1)  # the only 3g.40gb and 2g.20gb are on GPU 1
+    refusal = choose(inv, [], limits(), Request("ann", mig_profile="3g.40gb"))
+    assert isinstance(refusal, Refusal) and refusal.code == allocator.UNAVAILABLE
+    assert LOST in refusal.message and "1 3g.40gb slices" in refusal.message
+    missing = choose(inv, [], limits(), Request("ann", mig_profile="4g.40gb"))
+    assert missing.code == allocator.NO_SUCH_PROFILE
+
+
+def test_unavailable_whole_gpus_are_not_chosen():
+    inv = _down(A100, 2)  # GPUs 2 and 3 are whole; 2 is down
+    one = choose(inv, [], limits(), Request("ann", gpus=1))
+    assert isinstance(one, Choice) and one.slots == ("3",)
+    two = choose(inv, [], limits(), Request("ann", gpus=2))
+    assert isinstance(two, Refusal) and two.code == allocator.UNAVAILABLE
+    assert "1 of this host's 2 whole GPUs are unavailable" in two.message
+    three = choose(inv, [], limits(), Request("ann", gpus=3))
+    assert three.code == allocator.NO_SUCH_PROFILE
+
+
+def test_free_by_profile_counts_unavailable_devices_apart():
+    a = choose(A100, [], limits(), Request("a", mig_profile="1g.10gb"))
+    counts = free_by_profile(_down(A100, 0, 2), [holding(a, "a")])
+    assert counts["1g.10gb"] == (2, 2)  # a took GPU 0's: it is down, so 2 free on GPU 1
+    assert counts["1g.10gb"].unavailable == 7 and counts["1g.10gb"].reason == LOST
+    assert counts["gpu"] == (1, 1) and counts["gpu"].unavailable == 1
+    assert counts["3g.40gb"] == (1, 1) and counts["3g.40gb"].unavailable == 0
+    assert counts["3g.40gb"].reason is None
+    assert free_by_profile(A100, [])["1g.10gb"].unavailable == 0

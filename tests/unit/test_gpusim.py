@@ -188,6 +188,160 @@ def test_gpu_instance_lookups_need_root(nvml: ModuleType, gpusim_local: Simulato
     assert nvml.nvmlDeviceGetGpuInstanceId(mig) == 7
 
 
+def _calls_refused_without_root(nvml: ModuleType) -> set[tuple[str, str]]:
+    """Every read-only call the product could make, on every kind of handle: those that
+    raise NoPermission, as (function, what it was asked about)."""
+    refused: set[tuple[str, str]] = set()
+
+    def attempt(name: str, what: str, *args: Any) -> Any:
+        try:
+            return getattr(nvml, name)(*args)
+        except nvml.NVMLError_NoPermission:
+            refused.add((name, what))
+        except nvml.NVMLError:
+            pass
+        return None
+
+    _init(nvml)
+    for name in ("nvmlSystemGetDriverVersion", "nvmlSystemGetCudaDriverVersion",
+                 "nvmlDeviceGetCount"):
+        attempt(name, "system")
+    for index in range(nvml.nvmlDeviceGetCount()):
+        gpu = attempt("nvmlDeviceGetHandleByIndex", "gpu", index)
+        mig_on = nvml.nvmlDeviceGetMigMode(gpu)[0] == nvml.NVML_DEVICE_MIG_ENABLE
+        what = "mig-enabled gpu" if mig_on else "gpu"
+        uuid = attempt("nvmlDeviceGetUUID", what, gpu)
+        attempt("nvmlDeviceGetHandleByUUID", what, uuid)
+        for name in ("nvmlDeviceGetName", "nvmlDeviceGetIndex", "nvmlDeviceGetMemoryInfo",
+                     "nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount",
+                     "nvmlDeviceIsMigDeviceHandle", "nvmlDeviceGetAttributes"):
+            attempt(name, what, gpu)
+        for profile in range(nvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
+            attempt("nvmlDeviceGetGpuInstanceProfileInfo", what, gpu, profile, 2)
+        for gi in range(16):
+            instance = attempt("nvmlDeviceGetGpuInstanceById", what, gpu, gi)
+            if instance is not None:
+                attempt("nvmlGpuInstanceGetInfo", "gpu instance", instance)
+        for position in range(nvml.nvmlDeviceGetMaxMigDeviceCount(gpu)):
+            mig = attempt("nvmlDeviceGetMigDeviceHandleByIndex", what, gpu, position)
+            if mig is None:
+                continue
+            attempt("nvmlDeviceGetHandleByUUID", "mig", nvml.nvmlDeviceGetUUID(mig))
+            for name in ("nvmlDeviceGetUUID", "nvmlDeviceGetName", "nvmlDeviceGetMemoryInfo",
+                         "nvmlDeviceGetGpuInstanceId", "nvmlDeviceGetComputeInstanceId",
+                         "nvmlDeviceGetAttributes", "nvmlDeviceIsMigDeviceHandle",
+                         "nvmlDeviceGetDeviceHandleFromMigDeviceHandle"):
+                attempt(name, "mig", mig)
+    nvml.nvmlShutdown()
+    return refused
+
+
+def test_non_root_is_refused_exactly_where_nvml_refuses(
+    nvml: ModuleType, gpusim_local: Simulator
+) -> None:
+    # Real NVML refuses a non-root caller GPU-instance lookups and the aggregate memory of a
+    # MIG-enabled GPU ("only if the caller has appropriate privileges"); MIG device handles,
+    # their ids, attributes and memory answer. As root nothing is refused.
+    assert _calls_refused_without_root(nvml) == set()
+    gpusim_local.set_root(False)
+    assert _calls_refused_without_root(nvml) == {
+        ("nvmlDeviceGetMemoryInfo", "mig-enabled gpu"),
+        ("nvmlDeviceGetGpuInstanceById", "mig-enabled gpu"),
+    }
+    _init(nvml)
+    with pytest.raises(nvml.NVMLError_NoPermission, match="^Insufficient Permissions$"):
+        nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(0))
+    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(nvml.nvmlDeviceGetHandleByIndex(0), 0)
+    assert nvml.nvmlDeviceGetMemoryInfo(mig).total == 9728 * 1024 * 1024
+    assert nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(3)).total == (
+        81920 * 1024 * 1024)  # MIG off: a plain GPU answers anyone
+    nvml.nvmlShutdown()
+
+
+def test_a_lost_gpu_fails_on_its_own_handles_only(
+    nvml: ModuleType, gpusim_local: Simulator
+) -> None:
+    state = gpusim_local.state()
+    gpusim_local.lose_gpu(1)
+    _init(nvml)
+    assert nvml.nvmlDeviceGetCount() == 4  # still counted, as NVML counts a GPU off the bus
+    with pytest.raises(nvml.NVMLError_GpuIsLost, match="^GPU is lost$"):
+        nvml.nvmlDeviceGetHandleByIndex(1)
+    for uuid in (state["gpus"][1]["uuid"], state["gpus"][1]["mig_devices"][0]["uuid"]):
+        with pytest.raises(nvml.NVMLError_GpuIsLost):
+            nvml.nvmlDeviceGetHandleByUUID(uuid)
+    for index in (0, 2, 3):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        assert nvml.nvmlDeviceGetUUID(handle) == state["gpus"][index]["uuid"]
+    nvml.nvmlShutdown()
+    # Lost while a handle is held: calls on it, and on its MIG devices' handles, fail.
+    gpusim_local.clear_faults()
+    _init(nvml)
+    gpu = nvml.nvmlDeviceGetHandleByIndex(1)
+    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, 0)
+    gpusim_local.lose_gpu(1)
+    for call in (lambda: nvml.nvmlDeviceGetUUID(gpu), lambda: nvml.nvmlDeviceGetMigMode(gpu),
+                 lambda: nvml.nvmlDeviceGetAttributes(mig), lambda: nvml.nvmlDeviceGetUUID(mig)):
+        with pytest.raises(nvml.NVMLError_GpuIsLost):
+            call()
+    assert nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(0)) == "NVIDIA A100-SXM4-80GB"
+    nvml.nvmlShutdown()
+
+
+def test_transient_failures_then_answers(nvml: ModuleType, gpusim_local: Simulator) -> None:
+    gpusim_local.fail_calls(2, "Unknown", functions=["nvmlDeviceGetCount"])
+    _init(nvml)
+    for _ in range(2):
+        with pytest.raises(nvml.NVMLError_Unknown, match="^Unknown Error$"):
+            nvml.nvmlDeviceGetCount()
+    assert nvml.nvmlDeviceGetCount() == 4
+    nvml.nvmlShutdown()
+    gpusim_local.fail_calls(1, "Timeout")  # any call, nvmlInit included
+    with pytest.raises(nvml.NVMLError) as info:
+        nvml.nvmlInit()
+    assert info.value.value == nvml.NVML_ERROR_TIMEOUT and str(info.value) == "Timeout"
+    _init(nvml)
+    assert nvml.nvmlDeviceGetCount() == 4
+    nvml.nvmlShutdown()
+
+
+def test_a_fault_on_one_function_of_one_gpu(nvml: ModuleType, gpusim_local: Simulator) -> None:
+    gpusim_local.fail_gpu(2, "NoPermission", functions=["nvmlDeviceGetName"])
+    _init(nvml)
+    with pytest.raises(nvml.NVMLError_NoPermission):
+        nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(2))
+    assert nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(2)) == (
+        gpusim_local.gpu_uuids()[2])
+    assert nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(1)) == "NVIDIA A100-SXM4-80GB"
+    nvml.nvmlShutdown()
+    with pytest.raises(ValueError, match="no NVML error named 'Lost'"):
+        gpusim_local.fail_gpu(0, "Lost")
+
+
+def test_slow_nvml(nvml: ModuleType, gpusim_local: Simulator) -> None:
+    import time
+
+    gpusim_local.set_nvml_delay(0.05)
+    started = time.monotonic()
+    _init(nvml)
+    assert nvml.nvmlDeviceGetCount() == 4
+    nvml.nvmlShutdown()  # not delayed
+    assert 0.1 <= time.monotonic() - started < 2
+    gpusim_local.clear_faults()
+    assert "faults" not in gpusim_local.state()
+
+
+def test_faults_survive_mig_changes(gpusim_local: Simulator) -> None:
+    gpusim_local.lose_gpu(3)
+    gpusim_local.set_nvml_delay(0.01)
+    gpusim_local.set_mig(0, ["3g.40gb"])
+    gpusim_local.reboot()
+    faults = gpusim_local.state()["faults"]
+    assert faults["delay_s"] == 0.01
+    assert faults["rules"][0]["gpu"] == gpusim_local.gpu_uuids()[3]
+    assert faults["rules"][0]["error"] == real.NVML_ERROR_GPU_IS_LOST
+
+
 def test_profile_table(nvml: ModuleType) -> None:
     _init(nvml)
     gpu = nvml.nvmlDeviceGetHandleByIndex(0)
@@ -225,19 +379,26 @@ def test_not_mig_capable(nvml: ModuleType, gpusim_local: Simulator) -> None:
     assert nvml.nvmlDeviceGetMaxMigDeviceCount(gpu) == 0
 
 
-def test_every_init_reads_the_state_again(nvml: ModuleType, gpusim_local: Simulator) -> None:
+def test_a_change_of_the_host_is_seen_at_once(nvml: ModuleType, gpusim_local: Simulator) -> None:
+    # A driver answers from the hardware, not from a copy taken at nvmlInit: a MIG device
+    # destroyed after its handle was taken is no longer found, a GPU gone is lost.
     _init(nvml)
     gpu = nvml.nvmlDeviceGetHandleByIndex(0)
     old = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, 0)
     before = nvml.nvmlDeviceGetUUID(old)
     gpusim_local.reboot()
-    assert nvml.nvmlDeviceGetUUID(old) == before  # no re-init yet: the old view
-    nvml.nvmlShutdown()
-    _init(nvml)
-    with pytest.raises(nvml.NVMLError_GpuIsLost):
+    with pytest.raises(nvml.NVMLError_NotFound, match="Not Found"):
         nvml.nvmlDeviceGetUUID(old)  # a handle from before the reboot
     fresh = nvml.nvmlDeviceGetMigDeviceHandleByIndex(nvml.nvmlDeviceGetHandleByIndex(0), 0)
     assert nvml.nvmlDeviceGetUUID(fresh) != before
+    last = nvml.nvmlDeviceGetHandleByIndex(3)
+    gpusim_local.remove_gpu(3)
+    with pytest.raises(nvml.NVMLError_GpuIsLost, match="GPU is lost"):
+        nvml.nvmlDeviceGetUUID(last)
+    nvml.nvmlShutdown()
+    _init(nvml)
+    assert nvml.nvmlDeviceGetCount() == 3
+    nvml.nvmlShutdown()
 
 
 # --------------------------------------------------------------------------------- reboot

@@ -398,3 +398,30 @@ def test_taken_at_is_not_needed_for_health():
     later = Snapshot(HOST, (), Policy.default(), frozenset(),
                      datetime(2030, 1, 1, tzinfo=timezone.utc))
     assert health.snapshot_checks(later) == health.snapshot_checks(snap())
+
+
+# ------------------------------------------------------------------ NVML degraded
+
+
+def test_unavailable_gpus_warn_with_their_reasons():
+    from dataclasses import replace
+
+    lost = "NVML says the GPU is lost"
+    inv = replace(HOST, gpus=(replace(HOST.gpus[0], unavailable=lost), HOST.gpus[1]),
+                  migs=tuple(replace(m, unavailable=lost) for m in HOST.migs))
+    holder = alloc((MIG00,))
+    found = by_name(health.snapshot_checks(snap(inv, [holder])))
+    assert found["unavailable"].status == WARN
+    assert found["unavailable"].message == (
+        f"1 of 2 GPU(s) cannot be read and are not given out: GPU 0 ({HOST.gpus[0].uuid}, "
+        f"7 MIG device(s)): {lost}")
+    assert found["missing-uuids"].status == OK  # still listed: its holder's device exists
+    assert "unavailable" not in by_name(health.snapshot_checks(snap()))
+
+
+def test_a_non_root_read_warns_with_what_root_would_add():
+    note = "the hub's user is not root, so NVML refused GPU-instance lookups"
+    inv = Inventory(HOST.gpus, HOST.migs, "nvml", problems=(note,), unprivileged=note)
+    found = by_name(health.snapshot_checks(snap(inv)))
+    assert found["nvml-permissions"] == Check("nvml-permissions", WARN, note)
+    assert found["nvml"].status == OK and found["mig-pending"].status == OK

@@ -6,9 +6,11 @@ tests say what a student sees for a given state of the world, in milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+import docker
 import pytest
 import requests
 from dockerspawner import DockerSpawner
@@ -150,9 +152,10 @@ def test_without_profiles_the_form_is_dockerspawners():
     assert callable(GPUSpawner(user=user, profile_list=PROFILES).options_form)
 
 
-def test_transient_docker_failures_are_retried(monkeypatch):
+async def test_transient_docker_failures_are_retried_without_blocking(monkeypatch):
+    """Retries wait with asyncio.sleep: the hub's loop (and the Docker threads) stay free."""
     spawner = GPUSpawner(user=SimpleNamespace(name="ann"), docker_retries=3)
-    calls = []
+    calls, naps = [], []
 
     def flaky(self, method, *args, **kwargs):
         calls.append(method)
@@ -160,14 +163,55 @@ def test_transient_docker_failures_are_retried(monkeypatch):
             raise requests.exceptions.ConnectionError("engine restarting")
         return {"ok": True}
 
+    real_sleep = asyncio.sleep
+
+    async def nap(seconds):
+        naps.append(seconds)
+        await real_sleep(0)
+
     monkeypatch.setattr(DockerSpawner, "_docker", flaky)
-    monkeypatch.setattr("gpuspawner.spawner.time.sleep", lambda s: None)
-    assert spawner._docker("inspect_container", "x") == {"ok": True}
-    assert calls == ["inspect_container"] * 3
+    monkeypatch.setattr("gpuspawner.spawner.asyncio.sleep", nap)
+    assert await spawner.docker("inspect_container", "x") == {"ok": True}
+    assert calls == ["inspect_container"] * 3 and len(naps) == 2
     calls.clear()
     with pytest.raises(requests.exceptions.ConnectionError):
-        spawner._docker("create_container", image="x")  # never retried: it may have worked
+        await spawner.docker("create_container", image="x")  # never retried: it may have worked
     assert calls == ["create_container"]
+
+
+async def test_an_engine_answering_5xx_is_not_a_stopped_server(monkeypatch):
+    """DockerSpawner reads a 500 from inspect as "the container is gone"; a poll must say
+    "still running" (None) instead, so the hub keeps the server."""
+    spawner = GPUSpawner(user=SimpleNamespace(name="ann"), docker_retries=0)
+    response = SimpleNamespace(status_code=500, reason="Internal Server Error", url="x")
+
+    def broken(self, method, *args, **kwargs):
+        raise docker.errors.APIError("500 Server Error", response=response)
+
+    monkeypatch.setattr(DockerSpawner, "_docker", broken)
+    assert await spawner.poll() is None
+    with pytest.raises(docker.errors.APIError):
+        await spawner.get_object()
+
+    def gone(self, method, *args, **kwargs):
+        raise docker.errors.NotFound("no such container")
+
+    monkeypatch.setattr(DockerSpawner, "_docker", gone)
+    assert await spawner.poll() == 0  # Docker says it is gone: stopped
+
+
+def test_dockers_port_refusals_name_the_port():
+    from gpuspawner.spawnplan import taken_port
+
+    assert taken_port(
+        "500 Server Error: driver failed programming external connectivity on endpoint "
+        "jupyter-ann (0a1b): Bind for 127.0.0.1:41000 failed: port is already allocated"
+    ) == 41000
+    assert taken_port(
+        "driver failed programming external connectivity on endpoint x (y): Error starting "
+        "userland proxy: listen tcp4 0.0.0.0:40007: bind: address already in use"
+    ) == 40007
+    assert taken_port("unknown device MIG-x") is None
 
 
 def test_inventory_errors_leave_cpu_servers_working(monkeypatch, tmp_path):

@@ -260,10 +260,46 @@ def test_a_new_image_choice_replaces_the_container_and_keeps_a_copy():
     assert moved.replaced.reason == spawnplan.GPU_GONE and moved.replaced.carried is True
 
 
+def test_a_restart_on_a_gpu_nvml_fails_on_moves_with_the_reason():
+    """NVML fails on the slice's GPU: the device is still listed (not "gone"), but it is not
+    given out, so a restart is moved to another device, and the words say why."""
+    two = host(["1g.10gb"] * 2, ["1g.10gb"] * 2)
+    first, second = two.gpus
+    lost = replace(two, gpus=(replace(first, unavailable="GPU is lost"), second))
+    mine, other = two.migs_of(first)
+    own, labelset = container("c-own", devices=[mine], state=EXPIRED)
+    result = plan(snap(own, inventory=lost), request(existing=existing(own, labelset)))
+    assert result.action == spawnplan.REPLACE
+    assert result.replaced.reason == spawnplan.GPU_UNAVAILABLE
+    assert "is unavailable (GPU is lost)" in dict(result.progress)[35]
+    assert result.choice.parent_uuids == (second.uuid,)
+    refused = plan(snap(own, inventory=lost),
+                   request(existing=existing(own, labelset), on_gpu_lost="fail"))
+    assert isinstance(refused, Refusal) and refused.code == spawnplan.GPU_LOST
+    views = {v.uuid: v for v in snap(inventory=lost).devices()}
+    assert (views[other.uuid].state, views[other.uuid].reason) == ("unavailable", "GPU is lost")
+    assert views[two.migs_of(second)[0].uuid].state == "free"
+
+
 def test_the_chosen_image_is_read_back_from_the_environment():
     assert spawnplan.chosen_image(["A=1", "GPUSPAWNER_IMAGE=lab/tf:2"]) == "lab/tf:2"
     assert spawnplan.chosen_image(["GPUSPAWNER_IMAGE="]) is None
     assert spawnplan.chosen_image(None) is None
+
+
+def test_a_port_docker_refused_is_avoided_on_create_and_on_reuse():
+    """The hub may not see a host process (from a container's network namespace): a port
+    Docker refused to bind is treated as taken, by a new container and by the own one."""
+    fresh = plan(snap(), request(ports=(("ssh", 22),), port_range=(40000, 40009),
+                                 avoid_ports=(40000, 40001)))
+    assert fresh.host_ports["ssh"] == 40002
+    own, labelset = container("c-own", devices=[SLICE[0]], state=EXPIRED,
+                              ports={"ssh": 40003})
+    again = plan(snap(own), request(existing=existing(own, labelset), ports=(("ssh", 22),),
+                                    avoid_ports=(40003,)))
+    assert again.action == spawnplan.REPLACE
+    assert again.replaced.reason == spawnplan.PORT_TAKEN
+    assert again.host_ports["ssh"] != 40003
 
 
 @pytest.mark.parametrize("replace_with, save", [("commit", True), ("remove", False)])

@@ -8,19 +8,40 @@ classes and return types (ctypes structures, ``bytes`` in the profile name, a ``
 ``nvmlDeviceIsMigDeviceHandle``), and nothing more convenient than the real one.
 
 The state is the JSON that ``tests.gpusim.install()`` writes to ``$GPUSIM_STATE``. It is read
-again at every ``nvmlInit()``, so a simulated reboot is seen by the next init, as on a host.
-Standard library only: a hub started in a subprocess gets it with ``PYTHONPATH=<this dir>``.
+at ``nvmlInit()`` and again by any call after the file changed, so a change of the host (a MIG
+re-creation, a reboot, a fault switched on) is seen at once, as a driver sees its hardware: a
+handle to a MIG device that is gone answers ``Not Found``, one to a GPU that is gone ``GPU is
+lost``. Standard library only: a hub started in a subprocess gets it with
+``PYTHONPATH=<this dir>``.
+
+Faults the simulator can switch on (state keys, see ``tests.gpusim.Simulator``), each failing
+the way a real driver fails, with its exception classes and messages:
+
+- ``root: false``: a non-root caller. GPU-instance lookups and the memory of a MIG-enabled
+  GPU (``nvmlDeviceGetMemoryInfo`` on its handle: aggregate information needs privileges)
+  raise ``NVMLError_NoPermission``; everything else answers (MIG device handles, their UUIDs,
+  GPU-instance and compute-instance ids, attributes and memory).
+- ``faults.delay_s``: every NVML call takes that long (a driver busy with a hung GPU).
+- ``faults.rules``: a list of ``{id, error, gpu, functions, times}``: calls of ``functions``
+  (all when absent; ``nvmlShutdown`` never) about GPU ``gpu`` (its UUID: calls on its handle,
+  its MIG devices' handles, ``nvmlDeviceGetHandleByIndex`` of its index, ``…ByUUID``; any call
+  when absent) raise ``NVMLError(error)``; ``times`` of them (counted per process and rule
+  ``id``), or every one when absent. ``error: 15`` on one GPU is a GPU that fell off the bus;
+  ``error: 999, times: 2`` a driver that fails twice and then answers.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import re
 import string
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 # ---------------------------------------------------------------------------------- constants
@@ -376,9 +397,15 @@ def _memory(profile: str) -> int:
 
 # ------------------------------------------------------------------------------------ state
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _refcount = 0
 _state: dict[str, Any] | None = None
+#: (path, mtime_ns, size, inode) of the state file as last read, so a call re-reads it only
+#: when the simulator changed it.
+_seen: tuple[str, int, int, int] | None = None
+#: Faults with ``times``: how many calls each rule id has failed so far in this process.
+_fault_counts: dict[str, int] = {}
+_depth = threading.local()
 
 
 def _raise(code: int) -> NoReturn:
@@ -386,10 +413,12 @@ def _raise(code: int) -> NoReturn:
 
 
 def _load_state() -> dict[str, Any]:
+    global _seen
     path = os.environ.get("GPUSIM_STATE")
     if not path:
         _raise(NVML_ERROR_LIBRARY_NOT_FOUND)
     try:
+        info = os.stat(path)
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
     except FileNotFoundError:
@@ -398,13 +427,34 @@ def _load_state() -> dict[str, Any]:
         _raise(NVML_ERROR_UNKNOWN)
     if not isinstance(state, dict):
         _raise(NVML_ERROR_UNKNOWN)
+    _seen = (path, info.st_mtime_ns, info.st_size, info.st_ino)
     return state
 
 
+def _refresh() -> None:
+    """Re-read the state file if the simulator changed it since it was last read."""
+    global _state
+    path = os.environ.get("GPUSIM_STATE")
+    if _state is None or not path:
+        return
+    try:
+        info = os.stat(path)
+    except OSError:
+        return  # the file went away mid-session: the driver keeps what it knows
+    if _seen == (path, info.st_mtime_ns, info.st_size, info.st_ino):
+        return
+    try:
+        _state = _load_state()
+    except NVMLError:
+        pass  # caught half-written or unreadable: the next call tries again
+
+
 def _current() -> dict[str, Any]:
-    if _state is None or _refcount <= 0:
-        _raise(NVML_ERROR_UNINITIALIZED)
-    return _state
+    with _lock:
+        if _state is None or _refcount <= 0:
+            _raise(NVML_ERROR_UNINITIALIZED)
+        _refresh()
+        return _state
 
 
 def _gpus() -> list[dict[str, Any]]:
@@ -435,7 +485,9 @@ def _resolve(handle: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
             for mig in _migs(gpu):
                 if mig["uuid"] == handle._uuid:
                     return gpu, mig
-    return _raise(NVML_ERROR_GPU_IS_LOST)
+    # A MIG device destroyed (re-created, rebooted) after its handle was taken is no longer
+    # found; a GPU that is gone has fallen off the bus.
+    return _raise(NVML_ERROR_NOT_FOUND if handle._mig else NVML_ERROR_GPU_IS_LOST)
 
 
 def _gpu_handle(handle: Any) -> dict[str, Any]:
@@ -535,6 +587,10 @@ def nvmlDeviceGetMemoryInfo(
     handle: _Handle, version: int | None = None
 ) -> c_nvmlMemory_t | c_nvmlMemory_v2_t:
     gpu, mig = _resolve(handle)
+    if mig is None and _enabled(gpu) and not _current().get("root", True):
+        # "In MIG mode, if device handle is provided, the API returns aggregate information,
+        # only if the caller has appropriate privileges." MIG device handles always answer.
+        _raise(NVML_ERROR_NO_PERMISSION)
     total = int((mig or gpu).get("memory_mib") or 0) * _MIB
     if not version:
         return c_nvmlMemory_t(total, total, 0)
@@ -674,3 +730,90 @@ def nvmlGpuInstanceGetInfo(gpuInstance: _GpuInstance) -> c_nvmlGpuInstanceInfo_t
             return c_nvmlGpuInstanceInfo_t(gpuInstance._parent, gpuInstance._gi, profile_id,
                                            0, slices)
     return _raise(NVML_ERROR_INVALID_ARGUMENT)
+
+
+# ---------------------------------------------------------------------------------- faults
+
+
+def _gpu_of(name: str, args: tuple[Any, ...]) -> str | None:
+    """The UUID of the GPU a call is about (a MIG device's parent), or None."""
+    state = _state
+    if state is None or not args:
+        return None
+    target = args[0]
+    if isinstance(target, _GpuInstance):
+        target = target._parent
+    gpus = sorted(state.get("gpus") or [], key=lambda g: int(g["index"]))
+    if name == "nvmlDeviceGetHandleByIndex" and isinstance(target, int):
+        return str(gpus[target]["uuid"]) if 0 <= target < len(gpus) else None
+    if name == "nvmlDeviceGetHandleByUUID":
+        target = _Handle(target.decode() if isinstance(target, bytes) else str(target), True)
+    if not isinstance(target, _Handle):
+        return None
+    for gpu in gpus:
+        if gpu["uuid"] == target._uuid or any(
+                m["uuid"] == target._uuid for m in gpu.get("mig_devices") or []):
+            return str(gpu["uuid"])
+    return None
+
+
+def _faults(name: str, args: tuple[Any, ...]) -> None:
+    """Apply the state's faults to one call: its delay, then the first rule that matches."""
+    with _lock:
+        if _state is not None and _refcount > 0:
+            _refresh()
+            state = _state
+        else:  # nvmlInit, or a call before it: the file as it is now
+            try:
+                state = _load_state()
+            except NVMLError:
+                return  # nvmlInit itself reports a missing driver
+        faults = state.get("faults") or {}
+        delay = float(faults.get("delay_s") or 0)
+        failure = None
+        for rule in faults.get("rules") or []:
+            functions = rule.get("functions")
+            if functions is not None and name not in functions:
+                continue
+            if rule.get("gpu") is not None and _gpu_of(name, args) != rule["gpu"]:
+                continue
+            times = rule.get("times")
+            key = str(rule.get("id", ""))
+            if times is not None:
+                if _fault_counts.get(key, 0) >= int(times):
+                    continue
+                _fault_counts[key] = _fault_counts.get(key, 0) + 1
+            failure = int(rule["error"])
+            break
+    if delay > 0:
+        time.sleep(delay)
+    if failure is not None:
+        _raise(failure)
+
+
+def _with_faults(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        depth = getattr(_depth, "value", 0)
+        if depth == 0:  # the caller's call, not one this module makes of itself
+            _faults(name, args)
+        _depth.value = depth + 1
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _depth.value = depth
+
+    return call
+
+
+def _install_faults() -> None:
+    module = sys.modules[__name__]
+    for name, value in list(vars(module).items()):
+        if (name.startswith("nvml") and name[4:5].isupper() and callable(value)
+                and not isinstance(value, type) and name not in ("nvmlShutdown",
+                                                                 "nvmlErrorString",
+                                                                 "nvmlExceptionClass")):
+            setattr(module, name, _with_faults(name, value))
+
+
+_install_faults()
