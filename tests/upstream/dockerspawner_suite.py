@@ -240,6 +240,9 @@ def run_suite(
         "UPSTREAM_IMAGE_TAGS": json.dumps(dict(image_tags)),
         "DOCKER_HOST": docker_host,
         "PYTHONDONTWRITEBYTECODE": "1",
+        # The conftest uses this package's helpers (tag_images): the repository on the path.
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE.parents[1]),
+                                                  env.get("PYTHONPATH")) if p),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent),
                                  env.get("PATH", "/usr/bin:/bin")]),
     })

@@ -57,6 +57,8 @@ from jupyterhub.tests.conftest import (  # noqa: E402, F401
 from jupyterhub.tests.mocking import MockHub  # noqa: E402
 from jupyterhub.user import User  # noqa: E402
 
+from tests.upstream.dockerspawner_suite import tag_images  # noqa: E402  (PYTHONPATH: the repo)
+
 PREFIX = "dockerspawner-test"
 HUB_ID = "dockerspawner-test"
 WORKDIR = os.environ.get("UPSTREAM_WORKDIR") or tempfile.mkdtemp(prefix="upstream-")
@@ -100,15 +102,7 @@ def _remove_ours(client):
 
 
 def _tag_images(client):
-    for name, source in IMAGE_TAGS.items():
-        wanted = client.images.get(source)
-        try:
-            if client.images.get(name).id == wanted.id:
-                continue
-        except docker.errors.ImageNotFound:
-            pass
-        repository, _, tag = name.rpartition(":")
-        wanted.tag(repository, tag)
+    tag_images(client, IMAGE_TAGS)
 
 
 @pytest.fixture(scope="session")
