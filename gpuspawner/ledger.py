@@ -37,6 +37,7 @@ from .records import (
 log = logging.getLogger(__name__)
 
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
+_LIVE_STATES = _RUNNING_STATES | {"created"}
 _STOPPED_STATES = frozenset({"exited", "dead", "removing"})
 
 
@@ -212,9 +213,18 @@ class Ledger:
         self,
         hold_for: Callable[[str | None], float] = lambda user: 0.0,
         now: datetime | None = None,
+        live_only: bool = False,
     ) -> Reading:
+        """Every container, or with ``live_only`` the created, running, paused and restarting
+        ones only (Docker filters: a lab's hundreds of stopped containers cost nothing). A
+        live-only reading holds no stopped container: it answers who runs or is starting on
+        a device (the race rule), not who holds one."""
         now = now or datetime.now(timezone.utc)
-        listed = self._call("a container list", self.api.containers, all=True)
+        if live_only:
+            listed = self._call("a container list", self.api.containers, all=True,
+                                filters={"status": sorted(_LIVE_STATES)})
+        else:
+            listed = self._call("a container list", self.api.containers, all=True)
         # Docker's "Exited … ago" texts are relative to the moment of the list.
         listed_at = datetime.now(timezone.utc)
         calls = 1 + self._learn([entry["Id"] for entry in listed])
@@ -241,10 +251,11 @@ class Ledger:
             calls += used
             if allocation is not None:
                 allocations.append(allocation)
-        with self._lock:
-            for cache in (self._devices, self._labels, self._finished, self._built):
-                for cid in set(cache) - seen:
-                    del cache[cid]
+        if not live_only:  # a container missing from a filtered list may well exist
+            with self._lock:
+                for cache in (self._devices, self._labels, self._finished, self._built):
+                    for cid in set(cache) - seen:
+                        del cache[cid]
         allocations.sort(key=lambda a: (a.user or "", a.server, a.container_name))
         return Reading(tuple(allocations), frozenset(bound), len(listed), calls, now)
 

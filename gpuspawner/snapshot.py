@@ -184,10 +184,12 @@ def take(
     policy: Policy,
     now: datetime | None = None,
     hub_id: str | None = None,
+    live_only: bool = False,
 ) -> Snapshot:
     """Read the world once: the inventory, then Docker (holds counted with ``policy``), as
-    hub ``hub_id`` sees it."""
+    hub ``hub_id`` sees it. ``live_only``: only created and running containers (``Ledger.read``:
+    enough for the race rule, not for a plan)."""
     inventory = read_inventory()
-    reading = ledger.read(policy.hold_seconds, now)
+    reading = ledger.read(policy.hold_seconds, now, live_only=live_only)
     return Snapshot(inventory, reading.allocations, policy, reading.bound_ports, reading.read_at,
                     hub_id)

@@ -210,13 +210,14 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         except Exception:  # a mocked user in tests, or no database
             return []
 
-    def take_snapshot(self) -> Snapshot:
+    def take_snapshot(self, live_only: bool = False) -> Snapshot:
         """Read the world once (blocking: call through the executor)."""
-        return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id)
+        return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id,
+                    live_only=live_only)
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self, live_only: bool = False) -> Snapshot:
         try:
-            return await self._run(self.take_snapshot)
+            return await self._run(self.take_snapshot, live_only)
         except LedgerError as exc:
             raise docker_down(exc) from exc
 
@@ -470,14 +471,17 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         if time.monotonic() - _LOADED > self.boot_timeout:
             return
         own_deadline = time.monotonic() + max(0.0, float(self.start_timeout) - 15)
+        wanted = [profile.mig_profile] if profile.mig_profile else []
         while True:
             try:
-                snap = await self.snapshot()
-                what = boot.missing(
-                    True, snap.inventory if profile.wants_gpu else None,
-                    [profile.mig_profile] if profile.mig_profile else [],
-                    had_gpus=any(a.uuids for a in snap.allocations))
-            except web.HTTPError:
+                await self.docker("ping")
+                inv = await self._run(self.read_inventory) if profile.wants_gpu else None
+                what = boot.missing(True, inv, wanted, had_gpus=True)
+                if boot.DRIVER in what:  # only then: did this host have GPUs? Docker knows
+                    snap = await self.snapshot()
+                    what = boot.missing(True, snap.inventory, wanted,
+                                        had_gpus=any(a.uuids for a in snap.allocations))
+            except (web.HTTPError, docker.errors.DockerException, *_TRANSIENT):
                 what = [boot.DOCKER]
             now = time.monotonic()
             if not what or now - _LOADED > self.boot_timeout:
@@ -685,7 +689,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         plan = self._plan
         if plan is None or not plan.choice.uuids:
             return ()
-        snap = await self.snapshot()
+        snap = await self.snapshot(live_only=True)  # rivals run or start: nothing stopped
         mine = next((a for a in snap.allocations if a.container_id == self.object_id), None)
         if mine is None:
             return ()

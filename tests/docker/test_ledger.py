@@ -190,6 +190,25 @@ def test_steady_state_read_is_one_api_call(engine, gpusim, base_image):
     assert after[cid].finished_at > before[cid].finished_at + timedelta(seconds=2)
 
 
+def test_a_live_only_read_lists_what_runs_or_starts_and_forgets_nothing(
+    engine, gpusim, base_image
+):
+    """The race rule's read: Docker filters out the stopped containers (a lab's hundreds),
+    and what the ledger learnt of them stays cached for the next full read."""
+    inv = inventory.read("file", topology_file=gpusim.state_path)
+    running, _ = spawn_like(engine, base_image, inv, "ann", mig_profile="1g.10gb")
+    stopped, _ = spawn_like(engine, base_image, inv, "bo", mig_profile="3g.40gb")
+    engine.client.api.stop(stopped, timeout=0)
+    starting = make(engine, base_image, "starting", count=1, start=False)
+    ledger = Ledger(engine.client, start_timeout=120)
+    full = ledger.read(lambda user: 600)
+    live = ledger.read(lambda user: 600, live_only=True)
+    assert {a.container_id for a in live.allocations} == {running, starting}
+    assert live.api_calls == 1
+    again = ledger.read(lambda user: 600)
+    assert again.api_calls == 1 and again.allocations == full.allocations
+
+
 def test_engine_down_is_a_clear_error():
     client = docker.APIClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
     with pytest.raises(LedgerError, match="did not answer a container list.*dockerd is running"):
