@@ -465,9 +465,9 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     async def _await_host(self, profile: Profile) -> None:
         """In the boot window (``boot_timeout`` after the hub started): wait, saying what for,
-        while the host still lacks what this spawn needs (``boot.missing``); refuse with the
-        same words before the hub's start time-out. After the window the usual refusals
-        speak."""
+        while the host still lacks the NVIDIA driver or the MIG devices this spawn needs
+        (``boot.missing``); refuse with the same words before the hub's start time-out. After
+        the window, and whenever Docker itself does not answer, the usual refusals speak."""
         if time.monotonic() - _LOADED > self.boot_timeout:
             return
         own_deadline = time.monotonic() + max(0.0, float(self.start_timeout) - 15)
@@ -482,7 +482,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                     what = boot.missing(True, snap.inventory, wanted,
                                         had_gpus=any(a.uuids for a in snap.allocations))
             except (web.HTTPError, docker.errors.DockerException, *_TRANSIENT):
-                what = [boot.DOCKER]
+                return  # Docker down: the usual refusal says so at once (the hub runs, the
+                # engine is the admin's to start; `gpuspawner wait` is for boot scripts)
             now = time.monotonic()
             if not what or now - _LOADED > self.boot_timeout:
                 return

@@ -147,10 +147,10 @@ class GPUSpawnerTraits(Configurable):
     boot_timeout = Float(
         300,
         config=True,
-        help="""Seconds after the hub starts during which a spawn waits for the GPU host to
-        come up (Docker, the NVIDIA driver, the MIG devices a boot script re-creates), showing
-        what it waits for, instead of failing or moving a restarting server off its slice.
-        Each spawn waits at most until shortly before its ``start_timeout``. 0: never wait.""",
+        help="""Seconds after the hub starts during which a GPU spawn waits for the GPU host
+        to come up (the NVIDIA driver, the MIG devices a boot script re-creates), showing what
+        it waits for, instead of failing or moving a restarting server off its slice. Each
+        spawn waits at most until shortly before its ``start_timeout``. 0: never wait.""",
     )
 
     allocation_strategy = CaselessStrEnum(
