@@ -755,6 +755,13 @@ class Reader:
     Callers that arrive while a read runs share it. A read that raises is not kept (the next
     call reads again); in ``auto`` mode ``read`` does not raise. Each read is handed the last
     good one, so a GPU NVML fails on keeps what was known of it (see ``read_nvml``).
+
+    A driver stuck behind a hung GPU can take seconds per NVML call, minutes per read. No
+    caller waits longer than ``patience`` seconds from the start of the read: it gets the
+    last good inventory, with a problem that says how old it is (a device gone since then
+    fails its start with "unknown device", which invalidates the reader and plans again),
+    or ``InventoryError`` when there is none yet. The slow read goes on and is kept when it
+    ends.
     """
 
     def __init__(
@@ -767,8 +774,10 @@ class Reader:
         nvml: ModuleType | None = None,
         smi_binary: str = "nvidia-smi",
         clock: Callable[[], float] = time.monotonic,
+        patience: float = 10.0,
     ) -> None:
         self.source = source
+        self.patience = patience
         self.topology_file = topology_file
         self.logger = logger
         self.ttl = ttl
@@ -779,6 +788,8 @@ class Reader:
         self._cached: tuple[float, Inventory] | None = None
         self._last: Inventory | None = None
         self._pending: concurrent.futures.Future[Inventory] | None = None
+        self._pending_since = 0.0  # clock() when the running read began
+        self._last_at = 0.0  # clock() when the last good read ended
         self._generation = 0  # one more at every invalidate()
 
     def invalidate(self) -> None:
@@ -811,7 +822,7 @@ class Reader:
             if generation == self._generation:  # not invalidated while it ran
                 self._cached = (self.clock(), inventory)
                 if inventory.source != "none":
-                    self._last = inventory
+                    self._last, self._last_at = inventory, self.clock()
         return inventory
 
     def _start(self) -> tuple[Inventory | None, concurrent.futures.Future[Inventory] | None]:
@@ -822,7 +833,7 @@ class Reader:
                 return fresh, None
             if self._pending is None:
                 future: concurrent.futures.Future[Inventory] = concurrent.futures.Future()
-                self._pending = future
+                self._pending, self._pending_since = future, self.clock()
                 _EXECUTOR.submit(self._run, future, self._generation)
             return None, self._pending
 
@@ -836,6 +847,26 @@ class Reader:
         else:
             future.set_result(inventory)
 
+    def _left(self) -> float:
+        """Seconds a caller may still wait for the running read."""
+        with self._lock:
+            return max(0.0, self.patience - (self.clock() - self._pending_since))
+
+    def _stale(self) -> Inventory:
+        """The answer when NVML has not answered within ``patience``."""
+        with self._lock:
+            last, age = self._last, self.clock() - self._last_at
+            waited = self.clock() - self._pending_since
+        if last is None:
+            raise InventoryError(
+                f"the GPU inventory ({self.source}) has not answered in {waited:.0f} s (a "
+                "hung GPU or driver?); GPU servers wait until it does, CPU servers start")
+        note = (f"the GPU inventory has not answered in {waited:.0f} s (a hung GPU or "
+                f"driver?): these are the GPUs it reported {age:.0f} s ago")
+        if self.logger is not None:
+            self.logger.warning("%s", note)
+        return replace(last, problems=(*last.problems, note))
+
     async def read(self) -> Inventory:
         """The inventory, read on the NVML thread unless one younger than ``ttl`` is kept."""
         fresh, future = self._start()
@@ -843,7 +874,11 @@ class Reader:
             return fresh
         assert future is not None
         # Shielded: one caller giving up (a cancelled spawn) must not cancel the shared read.
-        return await asyncio.shield(asyncio.wrap_future(future))
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
+                                          self._left())
+        except asyncio.TimeoutError:
+            return self._stale()
 
     def read_blocking(self) -> Inventory:
         """``read`` for a caller already on a worker thread (never the event loop): the same
@@ -857,4 +892,7 @@ class Reader:
         if fresh is not None:
             return fresh
         assert future is not None
-        return future.result()
+        try:
+            return future.result(timeout=self._left())
+        except concurrent.futures.TimeoutError:
+            return self._stale()

@@ -24,7 +24,7 @@ from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import default
 
-from . import allocator, boot, cuda, events, form, inventory, labels, ports, spawnplan
+from . import allocator, boot, cuda, events, form, inventory, labels, ports, records, spawnplan
 from . import ledger as ledger_mod
 from .allocator import Refusal
 from .errors import docker_down, refuse, refused
@@ -74,6 +74,10 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     _policies: ClassVar[dict[str, PolicyFile]] = {}
     _event_logs: ClassVar[dict[str, EventLog]] = {}
     _waiters: ClassVar[Waiters] = Waiters()
+    #: Stopped containers this hub's spawns are starting again (id -> allocation when
+    #: planned), from the plan under the lock until their start is checked: the planner
+    #: counts them as holders, so no spawn of this hub gives their devices to another.
+    _starting: ClassVar[dict[str, Any]] = {}
 
     @default("remove")
     def _default_remove(self) -> bool:
@@ -193,7 +197,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         reader = self._readers.get(key)
         if reader is None:
             reader = self._readers[key] = inventory.Reader(
-                self.inventory_source, topology_file=self.topology_file, logger=self.log)
+                self.inventory_source, topology_file=self.topology_file, logger=self.log,
+                patience=self.inventory_timeout)
         return reader
 
     def read_inventory(self) -> Inventory:
@@ -512,36 +517,43 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self._progress(15, "Policy checked: " + (
             "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
         waited = False
-        for _attempt in range(8):
-            self.image = image
-            async with self._lock():
-                snap = await self.snapshot()
-                request = await self._spawn_request(profile, wanted_ports)
-                result = spawnplan.plan(snap, request, self._port_free, limits)
-                if not (isinstance(result, Refusal) and result.code == allocator.FULL
-                        and self.gpu_wait_timeout and not waited):
-                    self._plan = await self._carry_out(result)
-            if self._plan is None:  # full: wait outside the lock, then plan again
-                waited = True
-                await self._wait_for_device(request, limits)
-                continue
-            try:
-                lost = await self._race(running=False)
-                if not lost:
-                    if not await self._start_container():
-                        continue  # the device or a port was taken at the start: plan again
-                    lost = await self._race(running=True)
+        try:
+            for _attempt in range(8):
+                self.image = image
+                self._unmark_starting()
+                async with self._lock():
+                    snap = spawnplan.with_starting(await self.snapshot(), self._starting)
+                    request = await self._spawn_request(profile, wanted_ports)
+                    result = spawnplan.plan(snap, request, self._port_free, limits)
+                    if not (isinstance(result, Refusal) and result.code == allocator.FULL
+                            and self.gpu_wait_timeout and not waited):
+                        self._plan = await self._carry_out(result)
+                        self._mark_starting(snap)
+                if self._plan is None:  # full: wait outside the lock, then plan again
+                    waited = True
+                    await self._wait_for_device(request, limits)
+                    continue
+                try:
+                    lost = await self._race(running=False)
                     if not lost:
-                        break
-            except BaseException:
-                # A check after the create failed (Docker, a cancelled spawn): the container
-                # this spawn made must not sit on its device until the start time-out.
-                await asyncio.shield(self._drop_own(spawnplan.START_FAILED))
-                raise
-            await self._back_off(lost)
-        else:
-            raise refuse("Could not allocate a device and ports after several tries (other "
-                         "servers kept taking them); try again.", "race", 503)
+                        if not await self._start_container():
+                            continue  # the device or a port was taken at the start: again
+                        lost = await self._race(running=True)
+                        if not lost:
+                            break
+                except BaseException:
+                    # A check after the create failed (Docker, a cancelled spawn): the
+                    # container this spawn made must not sit on its device until the start
+                    # time-out.
+                    await asyncio.shield(self._drop_own(spawnplan.START_FAILED))
+                    raise
+                await self._back_off(lost)
+            else:
+                raise refuse("Could not allocate a device and ports after several tries "
+                             "(other servers kept taking them); try again.", "race", 503)
+        finally:
+            self._unmark_starting()
+            await asyncio.shield(self._release_place())
         if self.image.startswith(ledger_mod.SAVED_REPOSITORY + "/"):
             # Started from a saved copy: only now is the copy not needed any more (a spawn
             # that fails before this point leaves it for the next start).
@@ -685,18 +697,89 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                              container=removal.container_name, reason=removal.reason,
                              saved=removal.save, volumes="kept")
 
+    def _mark_starting(self, snap: Snapshot) -> None:
+        """Under the lock, after a plan to start the server's stopped container again: its
+        devices are spoken for until the start is checked (``_starting``)."""
+        plan = self._plan
+        if plan is None or plan.action != spawnplan.REUSE or not plan.choice.uuids:
+            return
+        mine = next((a for a in snap.allocations if a.container_id == plan.existing), None)
+        if mine is not None:
+            self._starting[plan.existing] = mine
+            self._starting_key = plan.existing
+
+    #: The key this spawner holds in ``_starting`` (the plan is dropped on a back-off).
+    _starting_key: str | None = None
+
+    def _unmark_starting(self) -> None:
+        if self._starting_key is not None:
+            self._starting.pop(self._starting_key, None)
+            self._starting_key = None
+
     async def _race(self, running: bool) -> tuple[str, ...]:
-        """``spawnplan.race_loser`` on a fresh read, with Docker's nanosecond Created times."""
+        """``spawnplan.race_loser`` on a fresh read, with Docker's nanosecond clocks.
+
+        Before a stopped container is started again, it is not a rival in anyone's check
+        (it does not run or start), so another hub could pass its own check and both would
+        start. It first gets a place-holder (``_hold_place``), which races for it exactly as
+        a new container does."""
         plan = self._plan
         if plan is None or not plan.choice.uuids:
             return ()
+        racer = self.object_id
+        if plan.action == spawnplan.REUSE and not running:
+            racer = await self._hold_place()
         snap = await self.snapshot(live_only=True)  # rivals run or start: nothing stopped
-        mine = next((a for a in snap.allocations if a.container_id == self.object_id), None)
+        mine = next((a for a in snap.allocations if a.container_id == racer), None)
         if mine is None:
             return ()
-        created = {a.container_id: await self._created(a.container_id)
-                   for a in (mine, *spawnplan.rivals(mine, snap))}
-        return spawnplan.race_loser(mine, snap, created, running)
+        clocks = {a.container_id: await self._clock(a.container_id)
+                  for a in (mine, *spawnplan.rivals(mine, snap))}
+        return spawnplan.race_loser(mine, snap, clocks, running)
+
+    #: The place-holder of the stopped container this spawn starts again, while it exists.
+    _place: str | None = None
+
+    async def _hold_place(self) -> str:
+        """Create (never start) ``<name>-starting``: the server's own labels and device
+        requests on a container that does nothing, so that until the start is checked every
+        other hub's check sees a spawn in flight on those devices. A place-holder left by a
+        hub that died is this server's, so it is removed first; anyone else's name is never
+        touched (the create then fails with Docker's conflict)."""
+        own = await self.docker("inspect_container", self.object_id)
+        name = f"{self.object_name}-starting"
+        try:
+            stale = await self.docker("inspect_container", name)
+        except docker.errors.NotFound:
+            stale = None
+        if stale is not None:
+            record = labels.decode((stale.get("Config") or {}).get("Labels"))
+            if (records.made_by(self.hub_id, record.managed, record.hub, record.interface,
+                                record.schema)
+                    and record.user == self.user.name and record.server == self.name):
+                await self.docker("remove_container", stale["Id"], force=True)
+        requests_ = [
+            docker.types.DeviceRequest(
+                driver=r.get("Driver") or "", count=r.get("Count") or 0,
+                device_ids=r.get("DeviceIDs") or [], capabilities=r.get("Capabilities") or [],
+                options=r.get("Options") or {})
+            for r in (own.get("HostConfig") or {}).get("DeviceRequests") or []
+        ]
+        host_config = self.client.create_host_config(device_requests=requests_)
+        made = await self.docker(
+            "create_container", own["Image"], command=["true"], name=name,
+            labels=(own.get("Config") or {}).get("Labels") or {}, host_config=host_config,
+            network_disabled=True)
+        self._place = made["Id"]
+        return made["Id"]
+
+    async def _release_place(self) -> None:
+        place, self._place = self._place, None
+        if place is not None:
+            try:
+                await self.docker("remove_container", place, force=True)
+            except docker.errors.NotFound:
+                pass
 
     async def _back_off(self, lost: tuple[str, ...]) -> None:
         """Lost the race: stop our own container; remove it if this spawn made it."""
@@ -704,8 +787,10 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                              container=self.object_name, devices=list(lost))
         self._progress(30, "Another server took the same device at the same moment; "
                            "choosing again")
-        await self.docker("stop", self.object_id)
+        # At once: the container started a moment ago and shares a device until it stops.
+        await self.docker("stop", self.object_id, timeout=1)
         await self._drop_own(spawnplan.RACE_LOST)
+        await self._release_place()
         self._plan = None
         await asyncio.sleep(random.random() * 0.3)
 
@@ -765,13 +850,15 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 self.api_token = line.split("=", 1)[1]
                 break
 
-    async def _created(self, container_id: str) -> str:
-        """Docker's Created time with all nine digits of nanoseconds, comparable as text."""
+    async def _clock(self, container_id: str) -> spawnplan.Clock:
+        """Docker's Created and StartedAt with all nine digits of nanoseconds, comparable
+        as text."""
         try:
             attrs = await self.docker("inspect_container", container_id)
         except docker.errors.NotFound:
-            return "9999"  # gone already: it backed off
-        return spawnplan.nanotime(str(attrs.get("Created", "")))
+            return spawnplan.NEVER  # gone already: it backed off
+        return spawnplan.Clock(spawnplan.nanotime(str(attrs.get("Created", ""))),
+                               spawnplan.nanotime(str(attrs["State"].get("StartedAt", ""))))
 
     async def _wait_for_device(self, request: spawnplan.SpawnRequest, limits: Any) -> None:
         """Wait, outside the lock, until the profile has a free device for this user (the

@@ -8,14 +8,15 @@ spawner's executor then carries the plan out and decides nothing. So the two pro
 device used twice, nothing a user made lost) can be tested as data, over random histories.
 
 ``race_loser`` is the one rule every path applies right before and right after a start:
-another running holder wins; otherwise the earlier Docker ``Created`` wins.
+another running holder wins; between two running ones the earlier start wins; otherwise the
+earlier Docker ``Created`` wins.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -464,26 +465,70 @@ def rivals(mine: Allocation, snap: Snapshot) -> tuple[Allocation, ...]:
     return tuple(found.values())
 
 
+@dataclass(frozen=True)
+class Clock:
+    """A container's Docker ``Created`` and ``State.StartedAt`` (``nanotime``): the race
+    rule's clock, one engine's own. ``NEVER`` for a container gone since the read."""
+
+    created: str
+    started: str
+
+
+NEVER = Clock("9999", "9999")
+
+
 def race_loser(
     mine: Allocation,
     snap: Snapshot,
-    created: Mapping[str, str],
+    clocks: Mapping[str, Clock],
     running: bool,
 ) -> tuple[str, ...]:
     """The devices ``mine`` must give up: the one rule before and after every start.
 
-    Against each of its ``rivals``: a running rival wins over a container that is not running
-    yet (``running``: whether ``mine`` runs); otherwise the earlier Docker ``Created``
-    (``created``: container id -> nanosecond time, comparable as text; the id breaks a tie)
-    wins. Every creator on every hub applies the same rule, so exactly one stays.
+    Against each of its ``rivals`` (``running``: whether ``mine`` runs):
+
+    - a running rival wins over a container that is not running yet;
+    - both running: the one that *started* first wins. The later starter checks after its
+      own start, when the earlier one already shows as running, so it always sees the
+      pair; the earlier one may have checked before, and keeps its device. (``Created``
+      would not do: a stopped container started again is old and would beat a new one
+      that finished its checks long ago, and both would stay.)
+    - neither running: the earlier ``Created`` wins. (A stopped container is in no one's
+      check, so before it is started again it races through a new place-holder container
+      with its devices: the spawner's ``_hold_place``.)
+
+    The container id breaks a tie. Every creator on every hub applies the same rule, so
+    exactly one stays.
     """
-    own_key = (created.get(mine.container_id, "9999"), mine.container_id)
+    own = clocks.get(mine.container_id, NEVER)
     devices = snap.inventory.by_uuid()
     lost: set[str] = set()
     for rival in rivals(mine, snap):
+        theirs = clocks.get(rival.container_id, NEVER)
         rival_running = rival.state == RUNNING
-        rival_key = (created.get(rival.container_id, "9999"), rival.container_id)
-        if (rival_running and not running) or (rival_running == running and rival_key < own_key):
+        if rival_running != running:
+            beaten = rival_running
+        elif running:
+            beaten = (theirs.started, rival.container_id) < (own.started, mine.container_id)
+        else:
+            beaten = (theirs.created, rival.container_id) < (own.created, mine.container_id)
+        if beaten:
             taken = allocator.Taken(snap.inventory, [rival])
             lost.update(u for u in mine.uuids if u in devices and taken.blockers(devices[u]))
     return tuple(sorted(lost))
+
+
+def with_starting(snap: Snapshot, starting: Mapping[str, Allocation]) -> Snapshot:
+    """The snapshot as this hub's planner must see it while its own spawns start stopped
+    containers again (``starting``: container id -> its allocation when planned): such a
+    container shows as stopped in Docker until its start, yet its devices are spoken for,
+    so it counts as a spawn in flight (``CREATED``)."""
+    if not starting:
+        return snap
+    seen = {a.container_id for a in snap.allocations}
+    allocations = [
+        a if a.container_id not in starting or a.state in (RUNNING, CREATED)
+        else replace(a, state=CREATED)
+        for a in snap.allocations
+    ] + [replace(a, state=CREATED) for cid, a in starting.items() if cid not in seen]
+    return replace(snap, allocations=tuple(allocations))

@@ -153,6 +153,16 @@ class GPUSpawnerTraits(Configurable):
         spawn waits at most until shortly before its ``start_timeout``. 0: never wait.""",
     )
 
+    inventory_timeout = Float(
+        10,
+        config=True,
+        help="""Seconds a spawn (or the spawn form) waits for the GPU inventory when NVML is
+        slow (a driver stuck behind a hung GPU can take seconds per call). After that it uses
+        the last inventory read, saying how old it is; with none yet, GPU spawns are refused
+        with that sentence and CPU servers start. The slow read goes on and is used when it
+        ends.""",
+    )
+
     allocation_strategy = CaselessStrEnum(
         [allocator.PACK, allocator.SPREAD],
         default_value=allocator.PACK,

@@ -65,3 +65,66 @@ async def test_a_running_holder_always_wins(engine, gpusim, base_image, monkeypa
     # Someone runs a container on the same slice by hand, after our create.
     make(engine, base_image, "by-hand", device_ids=[mig.uuid])
     assert await spawner_for(gpusim, "ann", ours, mig)._race(running=False) == (mig.uuid,)
+
+
+async def test_a_stopped_container_started_again_gives_way_to_one_that_already_runs(
+    engine, gpusim, base_image, monkeypatch
+):
+    """Docker's own clocks: the old container (created long before) is started again after
+    a new one took its slice and finished its checks. The old one started later, so it is
+    the one that gives way; the new one keeps the slice, whichever checks first."""
+    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
+    api = engine.client.api
+    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
+    old = claim(engine, base_image, "ann", mig)
+    api.start(old)
+    api.stop(old, timeout=0)
+    new = claim(engine, base_image, "bo", mig)
+    api.start(new)
+    api.start(old)
+    again = spawner_for(gpusim, "ann", old, mig)
+    again._plan = spawnplan.Plan(spawnplan.REUSE, Choice((mig,)), device_ids=(mig.uuid,),
+                                 existing=old)
+    assert await spawner_for(gpusim, "bo", new, mig)._race(running=True) == ()
+    assert await again._race(running=True) == (mig.uuid,)
+
+
+def reuser(gpusim, engine, user: str, container_id: str, mig) -> GPUSpawner:
+    """A spawner about to start ``container_id`` (stopped) again: its plan says reuse."""
+    spawner = spawner_for(gpusim, user, container_id, mig)
+    spawner._plan = spawnplan.Plan(spawnplan.REUSE, Choice((mig,)), device_ids=(mig.uuid,),
+                                   existing=container_id)
+    name = engine.client.api.inspect_container(container_id)["Name"].lstrip("/")
+    spawner.__dict__["object_name"] = name  # DockerSpawner's name of this server's container
+    return spawner
+
+
+@pytest.mark.parametrize("first", ["stopped", "new"])
+async def test_a_stopped_container_races_through_a_place_holder_before_its_start(
+    engine, gpusim, base_image, monkeypatch, first
+):
+    """A stopped container is in no one's check: started again as it is, it and a new
+    container on its slice could both pass. Its place-holder (created, never started, with
+    the same devices) races for it; the earlier of the two creates wins, seen from both."""
+    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
+    api = engine.client.api
+    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
+    old = claim(engine, base_image, "ann", mig)
+    api.start(old)
+    api.stop(old, timeout=0)
+    again = reuser(gpusim, engine, "ann", old, mig)
+    if first == "stopped":
+        lost_again = await again._race(running=False)
+        new = claim(engine, base_image, "bo", mig)
+        lost_new = await spawner_for(gpusim, "bo", new, mig)._race(running=False)
+        assert (lost_again, lost_new) == ((), (mig.uuid,))
+    else:
+        new = claim(engine, base_image, "bo", mig)
+        lost_again = await again._race(running=False)
+        lost_new = await spawner_for(gpusim, "bo", new, mig)._race(running=False)
+        assert (lost_again, lost_new) == ((mig.uuid,), ())
+    place = api.inspect_container("jupyter-ann-starting")
+    assert place["State"]["Status"] == "created"
+    assert place["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [mig.uuid]
+    await again._release_place()
+    assert not api.containers(all=True, filters={"name": "jupyter-ann-starting"})

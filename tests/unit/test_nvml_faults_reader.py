@@ -203,3 +203,33 @@ def test_a_topology_file_reader(tmp_path):
     path.write_text("gpus:\n  - {index: 0, uuid: GPU-a, name: NVIDIA A100-SXM4-80GB}\n")
     reader = Reader("file", topology_file=path)
     assert [g.uuid for g in reader.read_blocking().gpus] == ["GPU-a"]
+
+
+async def test_no_caller_waits_longer_than_patience_for_a_slow_nvml(sim, watched):
+    """A hung GPU makes every NVML call slow: callers get the last good inventory after
+    ``patience`` seconds, saying how old it is, on the loop and on a worker thread alike."""
+    reader = Reader("nvml", nvml=watched.nvml, ttl=0.0, patience=0.5)
+    good = await reader.read()
+    sim.set_nvml_delay(0.5)  # dozens of calls: a read of this host takes many seconds
+    try:
+        began = time.monotonic()
+        stale = await reader.read()
+        blocking = await asyncio.get_running_loop().run_in_executor(None, reader.read_blocking)
+        waited = time.monotonic() - began
+    finally:
+        sim.set_nvml_delay(0)
+    assert waited < 2.0, waited
+    for inv in (stale, blocking):
+        assert [g.uuid for g in inv.gpus] == [g.uuid for g in good.gpus]
+        assert "has not answered in" in inv.problems[-1]
+        assert "reported" in inv.problems[-1]
+
+
+async def test_a_slow_nvml_with_nothing_read_yet_is_an_error_that_says_so(sim, watched):
+    reader = Reader("nvml", nvml=watched.nvml, ttl=0.0, patience=0.3)
+    sim.set_nvml_delay(0.5)
+    try:
+        with pytest.raises(InventoryError, match="has not answered in .* CPU servers start"):
+            await reader.read()
+    finally:
+        sim.set_nvml_delay(0)

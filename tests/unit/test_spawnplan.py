@@ -616,10 +616,15 @@ def racer(cid: str, device, state: str, user: str = "ann", hub: str = HUB) -> Al
     return container(cid, user=user, hub=hub, devices=[device], state=state)[0]
 
 
+def clocks(created: dict[str, str]) -> dict[str, spawnplan.Clock]:
+    """Created times, each container started (where it runs) in the same order."""
+    return {cid: spawnplan.Clock(t, t) for cid, t in created.items()}
+
+
 def test_a_running_rival_beats_a_container_not_yet_running():
     mine = racer("c-mine", SLICE[0], CREATED)
     rival = racer("c-rival", SLICE[0], RUNNING, user="bo", hub="other")
-    created = {"c-mine": "2026-11-24T12:00:00.000000001", "c-rival": "2026-11-24T12:00:00.5"}
+    created = clocks({"c-mine": "2026-11-24T12:00:00.000000001", "c-rival": "2026-11-24T12:00:00.5"})
     assert spawnplan.race_loser(mine, snap(mine, rival), created, running=False) == (
         SLICE[0].uuid,)
 
@@ -627,27 +632,40 @@ def test_a_running_rival_beats_a_container_not_yet_running():
 def test_a_container_that_runs_is_not_beaten_by_a_rival_still_starting():
     mine = racer("c-mine", SLICE[0], RUNNING)
     rival = racer("c-rival", SLICE[0], CREATED, user="bo")
-    created = {"c-mine": "2026-11-24T12:00:01", "c-rival": "2026-11-24T12:00:00"}
+    created = clocks({"c-mine": "2026-11-24T12:00:01", "c-rival": "2026-11-24T12:00:00"})
     assert spawnplan.race_loser(mine, snap(mine, rival), created, running=True) == ()
 
 
-@pytest.mark.parametrize("running", [False, True])
-def test_between_equals_the_earlier_created_wins(running):
-    state = RUNNING if running else CREATED
-    first = racer("c-first", SLICE[0], state)
-    second = racer("c-second", SLICE[0], state, user="bo", hub="other")
+def test_between_two_not_running_yet_the_earlier_created_wins():
+    first = racer("c-first", SLICE[0], CREATED)
+    second = racer("c-second", SLICE[0], CREATED, user="bo", hub="other")
     world = snap(first, second)
-    created = {"c-first": "2026-11-24T12:00:00.000000100",
-               "c-second": "2026-11-24T12:00:00.000000200"}
-    assert spawnplan.race_loser(first, world, created, running) == ()
-    assert spawnplan.race_loser(second, world, created, running) == (SLICE[0].uuid,)
+    created = clocks({"c-first": "2026-11-24T12:00:00.000000100",
+                      "c-second": "2026-11-24T12:00:00.000000200"})
+    assert spawnplan.race_loser(first, world, created, False) == ()
+    assert spawnplan.race_loser(second, world, created, False) == (SLICE[0].uuid,)
+
+
+def test_between_two_running_the_earlier_start_wins_whatever_their_age():
+    """A stopped container started again is old: by Created it would beat a new container
+    that finished its checks before it started, and both would keep the device. The later
+    starter checks after its start, so it is the one that sees the pair and gives way."""
+    old = racer("c-old", SLICE[0], RUNNING)
+    new = racer("c-new", SLICE[0], RUNNING, user="bo")
+    world = snap(old, new)
+    times = {"c-old": spawnplan.Clock("2026-11-20T09:00:00.000000000",
+                                      "2026-11-24T12:00:01.000000000"),
+             "c-new": spawnplan.Clock("2026-11-24T12:00:00.000000000",
+                                      "2026-11-24T12:00:00.500000000")}
+    assert spawnplan.race_loser(new, world, times, running=True) == ()
+    assert spawnplan.race_loser(old, world, times, running=True) == (SLICE[0].uuid,)
 
 
 def test_the_container_id_breaks_a_tie_so_exactly_one_loses():
     first = racer("c-a", SLICE[0], CREATED)
     second = racer("c-b", SLICE[0], CREATED, user="bo")
     world = snap(first, second)
-    created = {"c-a": "2026-11-24T12:00:00", "c-b": "2026-11-24T12:00:00"}
+    created = clocks({"c-a": "2026-11-24T12:00:00", "c-b": "2026-11-24T12:00:00"})
     losses = [spawnplan.race_loser(a, world, created, False) for a in (first, second)]
     assert sorted(map(bool, losses)) == [False, True]
 
@@ -657,7 +675,7 @@ def test_a_container_without_rivals_loses_nothing():
     elsewhere = racer("c-else", SLICE[1], RUNNING, user="bo")
     held = racer("c-held", SLICE[0], HELD, user="cy")  # stopped: not racing
     failed = racer("c-failed", SLICE[0], FAILED, user="di")  # never started: holds nothing
-    created = {"c-mine": "2", "c-else": "1", "c-held": "1", "c-failed": "1"}
+    created = clocks({"c-mine": "2", "c-else": "1", "c-held": "1", "c-failed": "1"})
     assert spawnplan.race_loser(mine, snap(mine, elsewhere, held, failed), created,
                                 running=False) == ()
     assert spawnplan.rivals(mine, snap(mine, elsewhere, held, failed)) == ()
@@ -671,7 +689,7 @@ def test_a_whole_gpu_and_its_slice_are_rivals_both_ways():
     world = snap(whole, piece, inventory=inv)
     assert [r.container_id for r in spawnplan.rivals(whole, world)] == ["c-piece"]
     assert [r.container_id for r in spawnplan.rivals(piece, world)] == ["c-whole"]
-    created = {"c-whole": "1", "c-piece": "2"}
+    created = clocks({"c-whole": "1", "c-piece": "2"})
     # the running slice wins over the whole GPU still starting, though created later
     assert spawnplan.race_loser(whole, world, created, running=False) == (inv.gpus[0].uuid,)
     assert spawnplan.race_loser(piece, world, created, running=True) == ()
@@ -687,9 +705,25 @@ def test_a_label_that_lies_makes_a_rival_of_the_device_docker_holds():
     mine = racer("c-mine", SLICE[1], CREATED)
     liar = container("c-liar", user="bo", devices=[SLICE[0]], docker_uuids=[SLICE[1].uuid],
                      state=RUNNING)[0]
-    created = {"c-mine": "1", "c-liar": "2"}
+    created = clocks({"c-mine": "1", "c-liar": "2"})
     assert spawnplan.race_loser(mine, snap(mine, liar), created, running=False) == (
         SLICE[1].uuid,)
+
+
+def test_a_stopped_container_being_started_again_is_not_given_to_another():
+    """Between this hub's plan to start a stopped container again and its start, Docker
+    still shows it stopped: the planner counts it as a spawn in flight."""
+    inv = host(["7g.80gb"])
+    stopped, _ = container("c-ann", devices=[inv.migs[0]], state=EXPIRED, inventory=inv)
+    world = snap(stopped, inventory=inv)
+    wanted = request(user="bo", container_name="jupyter-bo", profile="mig-7g",
+                     mig_profile="7g.80gb")
+    assert isinstance(plan(world, wanted), Plan)  # free while nobody starts it
+    starting = spawnplan.with_starting(world, {"c-ann": stopped})
+    result = plan(starting, wanted)
+    assert isinstance(result, Refusal), result
+    assert [a.state for a in starting.allocations] == [CREATED]
+    assert spawnplan.with_starting(world, {}) is world
 
 
 def test_docker_kwargs_publish_the_extra_ports_and_request_devices_by_uuid():
