@@ -136,8 +136,45 @@ def cmd_user(args, world: World) -> int:
     return EXIT_OK if mine else EXIT_PROBLEM
 
 
+def hub_images(path: str) -> list[str]:
+    """The images of the GPU profiles in a hub's ``jupyterhub_config.py`` (its
+    ``profile_list``, ``image`` and ``allowed_images``, of GPUSpawner or DockerSpawner)."""
+    from traitlets.config.loader import ConfigFileNotFound, PyFileConfigLoader
+
+    from . import profiles
+
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        config = PyFileConfigLoader(name, directory).load_config()
+    except ConfigFileNotFound as exc:
+        raise ConfigError(f"{path}: no such hub configuration file") from exc
+    except Exception as exc:  # the file is Python: whatever it raises, say where
+        raise ConfigError(f"{path} cannot be loaded: {exc}") from exc
+    section: dict[str, Any] = {}
+    for cls in ("Spawner", "DockerSpawner", "GPUSpawner"):
+        section.update(config[cls] if cls in config else {})
+    raw = section.get("profile_list") or []
+    if callable(raw):
+        raise ConfigError(f"{path}: profile_list is a callable; give the images with --image")
+    configured = section.get("image") or os.environ.get("GPUSPAWNER_IMAGE")
+    allowed = section.get("allowed_images")
+    try:
+        listed = profiles.parse_profiles(raw)
+    except profiles.ProfileError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    if allowed and not callable(allowed):
+        listed = profiles.with_images(listed, allowed, configured or "")
+    return profiles.gpu_images(listed, configured)
+
+
+class ConfigError(ValueError):
+    """A hub configuration file ``doctor --config`` cannot use (exit code 2)."""
+
+
 def cmd_doctor(args, world: World) -> int:
     images = [i for i in (os.environ.get("GPUSPAWNER_IMAGE"), *(args.image or ())) if i]
+    if args.config:
+        images += hub_images(args.config)
     checks = health.run_all(world.client, world.snapshot, _port_range(args.ports), images)
     marks = {health.OK: "ok  ", health.WARN: "warn", health.FAIL: "FAIL"}
     _emit(args, [c.to_json() for c in checks],
@@ -242,6 +279,11 @@ def parser() -> argparse.ArgumentParser:
             command.add_argument("--image", action="append", metavar="IMAGE",
                                  help="a profile image to check against this driver's CUDA "
                                  "(repeatable; GPUSPAWNER_IMAGE is always checked)")
+            command.add_argument("--config", metavar="FILE",
+                                 default=env("GPUSPAWNER_HUB_CONFIG"),
+                                 help="the hub's jupyterhub_config.py: check the image of "
+                                 "every GPU profile and image choice in it (default: "
+                                 "GPUSPAWNER_HUB_CONFIG)")
         if name == "wait":
             command.add_argument("--timeout", type=_seconds, default=600.0,
                                  help="give up after this long (seconds, or 10m)")
@@ -267,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args, world)  # an engine that is not up yet is what it waits for
         world.client  # noqa: B018 - connect now: an engine that is down is exit code 3
         return handler(args, world)
-    except PolicyError as exc:
+    except (PolicyError, ConfigError) as exc:
         print(f"gpuspawner: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except InventoryError as exc:

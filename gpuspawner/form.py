@@ -40,21 +40,34 @@ def availability(
     return f"{label}: {have} of {total} free{more}", False
 
 
+def choice_key(profile: str, option: str, choice: str) -> str:
+    """The key of one choice of a profile option in ``render``'s ``blocked``."""
+    return f"{profile}--{option}--{choice}"
+
+
 def _option(profile: Profile, option: ProfileOption, picked: str | None,
-            disabled: str) -> str:
+            disabled: str, blocked: Mapping[str, str]) -> str:
     """A profile option as KubeSpawner's form sends it: a ``<select>`` named
     ``profile-option-<slug>--<name>`` (with "Other…" where free text is allowed) and the
-    free text in ``…--unlisted-choice``."""
+    free text in ``…--unlisted-choice``. A choice in ``blocked`` (its image needs a newer
+    driver) is shown disabled, with the sentence as its title."""
     field = f"{OPTION_PREFIX}{profile.slug}--{option.name}"
     e = html.escape
-    listed = picked if option.choice(picked or "") else None
+    why = {c.name: blocked.get(choice_key(profile.slug, option.name, c.name))
+           for c in option.choices}
+    listed = picked if option.choice(picked or "") and not why.get(picked or "") else None
     text = picked if picked and listed is None and option.unlisted else ""
     parts = [f'<div class="gpuspawner-option ms-4 mb-1" data-option="{e(option.name)}">',
              f'<label class="small me-2" for="{e(field)}">{e(option.display_name)}</label>']
     if option.choices:
         now = listed or (UNLISTED if text else option.default)
-        rows = [f'<option value="{e(c.name)}"{" selected" if c.name == now else ""}>'
-                f"{e(c.display_name)}</option>" for c in option.choices]
+        if why.get(now):  # never preselect what cannot start: the first that can
+            now = next((c.name for c in option.choices if not why[c.name]), "")
+        rows = [f'<option value="{e(c.name)}"{" selected" if c.name == now else ""}'
+                + (f' disabled title="{e(why[c.name] or "")}">{e(c.display_name)} '
+                   "(needs a newer driver)</option>" if why[c.name] else
+                   f">{e(c.display_name)}</option>")
+                for c in option.choices]
         if option.unlisted is not None:
             rows.append(f'<option value="{UNLISTED}"{" selected" if now == UNLISTED else ""}>'
                         f"{e(option.unlisted.display_name_in_choices)}</option>")
@@ -83,7 +96,8 @@ def render(
 ) -> str:
     """One radio button per profile, each with its options; full profiles are shown
     disabled, with the reason. ``picked``: the last choices of the chosen profile;
-    ``blocked``: profiles whose image this driver cannot start, with the sentence."""
+    ``blocked``: profiles (by slug) and choices (``choice_key``) whose image this driver
+    cannot start, with the sentence."""
     rows = []
     for profile in profiles:
         note, full = availability(profile, free, has_gpus, trouble)
@@ -93,7 +107,7 @@ def render(
         checked = "checked" if profile.slug == chosen and not full else ""
         disabled = "disabled" if full else ""
         mine = (picked or {}) if profile.slug == chosen else {}
-        options = "".join(_option(profile, o, mine.get(o.name), disabled)
+        options = "".join(_option(profile, o, mine.get(o.name), disabled, blocked or {})
                           for o in profile.options)
         rows.append(
             f"""

@@ -280,6 +280,21 @@ def with_images(profiles: Iterable[Profile], allowed: Any, configured: str) -> l
             replace(p, options=(*p.options, option)) for p in profiles]
 
 
+def gpu_images(profiles: Iterable[Profile], configured: str | None) -> list[str]:
+    """Every image a GPU server may start from: each GPU profile's own (or the configured
+    one), and each listed choice of its image option. Free text is known only at the spawn.
+    For ``gpuspawner doctor``, which checks each against the driver's CUDA."""
+    found: list[str] = []
+    for profile in profiles:
+        if not profile.wants_gpu:
+            continue
+        option = profile.option(IMAGE_OPTION)
+        if option is None or not option.choices:
+            found.append(profile.overrides.get(IMAGE_OPTION) or configured or "")
+        found += [c.overrides.get(IMAGE_OPTION, "") for c in (option.choices if option else ())]
+    return [image for image in dict.fromkeys(found) if image]
+
+
 def permitted(profiles: Iterable[Profile], limits: Any) -> list[Profile]:
     """The profiles a user's policy lets them choose (forbidden ones are not even offered)."""
     out = []

@@ -278,15 +278,12 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         return form.render(profiles, free, has_gpus, trouble, chosen, picked, blocked)
 
     async def _cuda_blocked(self, profiles: list[Profile], inv: Inventory) -> dict[str, str]:
-        """GPU profiles whose image this driver cannot start (``cuda.check``), with the
-        sentence: the form shows them unavailable. Images not on the engine yet, and
-        profiles that offer an image choice, are checked at the spawn."""
+        """GPU profiles, and choices of their image option, whose image this driver cannot
+        start (``cuda.check``), with the sentence: the form shows them unavailable. Images
+        not on the engine yet, and free text, are checked at the spawn."""
         host, verdicts, out = cuda.Host.of(inv), {}, {}
-        for profile in profiles:
-            if not profile.wants_gpu or profile.option(IMAGE_OPTION) is not None:
-                continue
-            image = profile.overrides.get("image") or self._unapplied("image")
-            env = profile.overrides.get("environment")
+
+        async def verdict(image: str, env: Mapping[str, str] | None) -> str | None:
             key = (image, tuple(sorted((env or {}).items())))
             if key not in verdicts:
                 try:
@@ -295,8 +292,26 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                                                container_env=env)
                 except docker.errors.DockerException:
                     verdicts[key] = None
-            if verdicts[key]:
-                out[profile.slug] = verdicts[key]
+            return verdicts[key]
+
+        for profile in profiles:
+            if not profile.wants_gpu:
+                continue
+            env = profile.overrides.get("environment")
+            option = profile.option(IMAGE_OPTION)
+            if option is None:
+                image = profile.overrides.get("image") or self._unapplied("image")
+                why = await verdict(image, env)
+                if why:
+                    out[profile.slug] = why
+                continue
+            for choice in option.choices:
+                image = choice.overrides.get("image")
+                why = await verdict(image, {**(env or {}),
+                                            **(choice.overrides.get("environment") or {})}
+                                    ) if image else None
+                if why:
+                    out[form.choice_key(profile.slug, option.name, choice.name)] = why
         return out
 
     @default("options_form")

@@ -269,6 +269,40 @@ def test_doctor_on_a_healthy_host(gpuspawner: Run, engine: Any, gpusim: Any, bas
     assert checks["ports"]["message"] == "99 of 100 ports free in 40000-40099"
 
 
+def test_doctor_checks_every_gpu_image_of_the_hubs_profiles(
+    gpuspawner: Run, engine: Any, gpusim: Any, base_image: str, tmp_path: Path
+):
+    """``doctor --config jupyterhub_config.py``: the image of each GPU profile and of each
+    listed image choice is checked against the simulated driver's CUDA (12.4 here); the one
+    that needs 12.9 is named, the one that fits is fine, a CPU profile's image is not asked."""
+    from ..images import ensure_env_image
+
+    fits = ensure_env_image(engine.client, base_image, {"NVIDIA_REQUIRE_CUDA": "cuda>=12.0"})
+    newer = ensure_env_image(engine.client, base_image, {"NVIDIA_REQUIRE_CUDA": "cuda>=12.9"})
+    config = tmp_path / "jupyterhub_config.py"
+    config.write_text(f"""c = get_config()  # noqa
+c.GPUSpawner.image = {base_image!r}
+c.GPUSpawner.profile_list = [
+    {{"display_name": "CPU", "slug": "cpu", "overrides": {{"image": {newer!r}}}}},
+    {{"display_name": "GPU", "slug": "gpu", "gpu": {{"mig_profile": "1g.10gb"}},
+     "profile_options": {{"image": {{"choices": {{
+        "a": {{"display_name": "A", "overrides": {{"image": {fits!r}}}}},
+        "b": {{"display_name": "B", "overrides": {{"image": {newer!r}}}}}}}}}}}}},
+]
+""")
+    code, out, _ = gpuspawner("doctor", "--config", str(config), "--json")
+    checks = {c["name"]: c for c in json.loads(out)}
+    assert checks["cuda-images"]["status"] == "warn", checks["cuda-images"]
+    message = checks["cuda-images"]["message"]
+    assert newer in message and "12.9" in message, message
+    code, _, err = gpuspawner("doctor", "--config", str(tmp_path / "nowhere.py"))
+    assert code == 2 and "no such hub configuration file" in err
+    only_cpu = tmp_path / "cpu_config.py"
+    only_cpu.write_text(f"c = get_config()  # noqa\nc.GPUSpawner.image = {newer!r}\n")
+    assert cli.hub_images(str(only_cpu)) == []
+    assert cli.hub_images(str(config)) == [fits, newer]
+
+
 def test_doctor_warnings_do_not_fail(gpuspawner: Run, engine: Any, gpusim: Any,
                                      base_image: str):
     make(engine, base_image, "outside", device_ids=[GPU3])

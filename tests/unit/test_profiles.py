@@ -244,3 +244,28 @@ def test_form_fields_become_user_options_as_in_kubespawner():
                                "memory": "large"}
     assert from_form({"image": ["1.0", "1.1"]}) == {"image": "1.0"}  # DockerSpawner's form
     assert from_form({}) == {}
+
+
+def test_the_form_disables_an_image_choice_this_driver_cannot_start():
+    """What the browser gets: a choice whose image needs a newer CUDA is listed, disabled,
+    with the sentence; it is never preselected, even as the default or the last choice."""
+    from gpuspawner import form
+
+    (gpu,) = parse_profiles([{
+        "display_name": "GPU", "slug": "gpu", "gpu": {"mig_profile": "1g.10gb"},
+        "profile_options": {"image": {"display_name": "Image", "choices": {
+            "new": {"display_name": "CUDA 13 <new>", "default": True,
+                    "overrides": {"image": "lab/cuda13"}},
+            "old": {"display_name": "CUDA 12", "overrides": {"image": "lab/cuda12"}},
+        }}},
+    }])
+    why = "lab/cuda13 needs CUDA >= 13.0; this host's driver gives CUDA 12.4 & <more>."
+    blocked = {form.choice_key("gpu", "image", "new"): why}
+    for picked in ({}, {"image": "new"}):
+        page = form.render([gpu], {"1g.10gb": (3, 7)}, True, None, "gpu", picked, blocked)
+        assert ('<option value="new" disabled title="lab/cuda13 needs CUDA &gt;= 13.0; this '
+                "host&#x27;s driver gives CUDA 12.4 &amp; &lt;more&gt;.\">CUDA 13 &lt;new&gt; "
+                "(needs a newer driver)</option>") in page
+        assert '<option value="old" selected>CUDA 12</option>' in page
+    page = form.render([gpu], {"1g.10gb": (3, 7)}, True, None, "gpu", {}, {})
+    assert '<option value="new" selected>CUDA 13 &lt;new&gt;</option>' in page

@@ -624,7 +624,8 @@ def clocks(created: dict[str, str]) -> dict[str, spawnplan.Clock]:
 def test_a_running_rival_beats_a_container_not_yet_running():
     mine = racer("c-mine", SLICE[0], CREATED)
     rival = racer("c-rival", SLICE[0], RUNNING, user="bo", hub="other")
-    created = clocks({"c-mine": "2026-11-24T12:00:00.000000001", "c-rival": "2026-11-24T12:00:00.5"})
+    created = clocks({"c-mine": "2026-11-24T12:00:00.000000001",
+                      "c-rival": "2026-11-24T12:00:00.5"})
     assert spawnplan.race_loser(mine, snap(mine, rival), created, running=False) == (
         SLICE[0].uuid,)
 
