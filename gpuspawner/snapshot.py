@@ -185,11 +185,14 @@ def take(
     now: datetime | None = None,
     hub_id: str | None = None,
     live_only: bool = False,
+    stopped_max_age: float = 0.0,
 ) -> Snapshot:
     """Read the world once: the inventory, then Docker (holds counted with ``policy``), as
     hub ``hub_id`` sees it. ``live_only``: only created and running containers (``Ledger.read``:
-    enough for the race rule, not for a plan)."""
+    enough for the race rule, not for a plan); ``stopped_max_age``: stopped containers as the
+    last full list showed them, at most that old (``Ledger.read``)."""
     inventory = read_inventory()
-    reading = ledger.read(policy.hold_seconds, now, live_only=live_only)
+    reading = ledger.read(policy.hold_seconds, now, live_only=live_only,
+                          stopped_max_age=stopped_max_age)
     return Snapshot(inventory, reading.allocations, policy, reading.bound_ports, reading.read_at,
                     hub_id)

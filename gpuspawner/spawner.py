@@ -215,14 +215,20 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         except Exception:  # a mocked user in tests, or no database
             return []
 
-    def take_snapshot(self, live_only: bool = False) -> Snapshot:
+    #: Seconds the stopped containers of Docker's last full list serve a spawn's read under
+    #: the allocation lock (``Ledger.read``'s ``stopped_max_age``): live containers are always
+    #: listed then, so who runs or starts on a device is exact; a lab's hundreds of stopped
+    #: containers are listed once in this time, not once per spawn.
+    STOPPED_MAX_AGE = 5.0
+
+    def take_snapshot(self, live_only: bool = False, stopped_max_age: float = 0.0) -> Snapshot:
         """Read the world once (blocking: call through the executor)."""
         return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id,
-                    live_only=live_only)
+                    live_only=live_only, stopped_max_age=stopped_max_age)
 
-    async def snapshot(self, live_only: bool = False) -> Snapshot:
+    async def snapshot(self, live_only: bool = False, stopped_max_age: float = 0.0) -> Snapshot:
         try:
-            return await self._run(self.take_snapshot, live_only)
+            return await self._run(self.take_snapshot, live_only, stopped_max_age)
         except LedgerError as exc:
             raise docker_down(exc) from exc
 
@@ -537,7 +543,9 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 self.image = image
                 self._unmark_starting()
                 async with self._lock():
-                    snap = spawnplan.with_starting(await self.snapshot(), self._starting)
+                    snap = spawnplan.with_starting(
+                        await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),
+                        self._starting)
                     request = await self._spawn_request(profile, wanted_ports)
                     result = spawnplan.plan(snap, request, self._port_free, limits)
                     if not (isinstance(result, Refusal) and result.code == allocator.FULL

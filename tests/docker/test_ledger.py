@@ -209,6 +209,47 @@ def test_a_live_only_read_lists_what_runs_or_starts_and_forgets_nothing(
     assert again.api_calls == 1 and again.allocations == full.allocations
 
 
+def test_a_spawns_read_lists_the_live_and_keeps_the_stopped_from_the_last_full_list(
+    engine, gpusim, base_image
+):
+    """``stopped_max_age``: what runs or starts is Docker's now (one filtered list); the
+    stopped containers are the last full list's, with each one that stopped since, or that
+    this hub forgot (stopped, removed), inspected again. Past the age, a full list again."""
+    inv = inventory.read("file", topology_file=gpusim.state_path)
+    api = engine.client.api
+    ann, _ = spawn_like(engine, base_image, inv, "ann", mig_profile="1g.10gb")
+    bo, _ = spawn_like(engine, base_image, inv, "bo", mig_profile="3g.40gb")
+    api.stop(bo, timeout=0)
+    cy, _ = spawn_like(engine, base_image, inv, "cy", mig_profile="2g.20gb")
+    api.stop(cy, timeout=0)
+    ledger = Ledger(engine.client, start_timeout=120)
+    hold = lambda user: 600  # noqa: E731
+    full = ledger.read(hold)
+    assert {a.container_id: a.state for a in full.allocations} == {
+        ann: RUNNING, bo: HELD, cy: HELD}
+
+    api.stop(ann, timeout=0)  # stopped by hand since the full list
+    api.remove_container(cy)  # removed by hand: seen late (a hold, never a runner)
+    di, _ = spawn_like(engine, base_image, inv, "di", mig_profile="1g.10gb")
+    merged = ledger.read(hold, stopped_max_age=60)
+    states = {a.container_id: a for a in merged.allocations}
+    assert {cid: a.state for cid, a in states.items()} == {
+        ann: HELD, bo: HELD, cy: HELD, di: RUNNING}
+    finished = api.inspect_container(ann)["State"]["FinishedAt"]
+    assert states[ann].finished_at == labels.parse_time(finished)
+    assert merged.api_calls == 2 + 1  # the filtered list, one inspect (ann), one new (di)
+
+    ledger.forget(cy)  # as the spawner does after it removes a container
+    again = ledger.read(hold, stopped_max_age=60)
+    assert {a.container_id for a in again.allocations} == {ann, bo, di}
+    assert again.api_calls == 2  # the list, the inspect of the forgotten one (gone)
+
+    time.sleep(1.1)
+    late = ledger.read(hold, stopped_max_age=1)
+    assert late.containers == len(api.containers(all=True))  # a full list again
+    assert {a.container_id for a in late.allocations} == {ann, bo, di}
+
+
 def test_engine_down_is_a_clear_error():
     client = docker.APIClient(base_url="unix:///nonexistent/docker.sock", version="1.41")
     with pytest.raises(LedgerError, match="did not answer a container list.*dockerd is running"):
