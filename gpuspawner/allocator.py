@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .records import GPU, HELD, Allocation, Device, Inventory, JSONRecord, MigDevice
+from .records import GPU, HELD, RUNNING, Allocation, Device, Inventory, JSONRecord, MigDevice
 
 PACK = "pack"
 SPREAD = "spread"
@@ -51,6 +51,8 @@ class Request(JSONRecord):
     #: The server's own existing container (this hub's, this user's, this server's), whose
     #: devices it may keep: the only container not counted as someone else's.
     own_container: str | None = None
+    #: Memory in use (MiB) above which a device no running container holds is ``busy``.
+    busy_memory_mib: int = 0  # 0: BUSY_MEMORY_MIB
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,28 @@ class Free(tuple):
         return (self[0], self[1], self.unavailable, self.reason)
 
 
+#: A device no running container holds is ``busy`` when NVML shows compute processes on it,
+#: or more memory in use than this many MiB: a process that outlived its container, or memory
+#: it leaked. A slice nobody uses shows a few MiB (the driver's own), far below this.
+BUSY_MEMORY_MIB = 1024
+BUSY = "busy"
+
+
+def busy(device: Device, taken: Taken, memory_mib: int = 0) -> str | None:
+    """Why ``device`` is in use though no running container holds it (compute processes,
+    memory over ``memory_mib``, default ``BUSY_MEMORY_MIB``), in words; None when it is not.
+    Such a device is never given out: its memory is not there for the next user."""
+    limit = memory_mib or BUSY_MEMORY_MIB
+    used = device.memory_used_mib or 0
+    if not device.processes and used <= limit:
+        return None
+    if any(a.state == RUNNING for a in taken.blockers(device)):
+        return None  # its holder's own work
+    count = len(device.processes)
+    what = f"{count} process{'' if count == 1 else 'es'}, " if count else ""
+    return f"busy: {what}{used / 1024:.1f} GiB in use, no running container holds it"
+
+
 def unavailable(inventory: Inventory, device: Device) -> str | None:
     """Why ``device`` cannot be given out now (it or its GPU is unavailable), or None."""
     if device.unavailable:
@@ -280,10 +304,11 @@ def unavailable(inventory: Inventory, device: Device) -> str | None:
 
 
 def free_by_profile(
-    inventory: Inventory, allocations: Sequence[Allocation]
+    inventory: Inventory, allocations: Sequence[Allocation], busy_memory_mib: int = 0
 ) -> dict[str, Free]:
     """MIG profile (and ``"gpu"`` for whole GPUs) -> (free, total) of the devices that can be
-    given out; the form shows these. Unavailable devices are counted apart (``Free``)."""
+    given out; the form shows these. Unavailable devices are counted apart (``Free``); a
+    ``busy`` device counts in the total, never as free."""
     taken = Taken(inventory, allocations)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     reasons: dict[str, str] = {}
@@ -298,7 +323,7 @@ def free_by_profile(
             reasons.setdefault(key, why)
             continue
         counts[key][1] += 1
-        if not taken.blockers(device):
+        if not taken.blockers(device) and not busy(device, taken, busy_memory_mib):
             counts[key][0] += 1
     return {k: Free(v[0], v[1], v[2], reasons.get(k)) for k, v in sorted(counts.items())}
 
@@ -413,7 +438,8 @@ def _choose_mig(
     refusal = _quota(inventory, limits, allocations, request, equivalents)
     if refusal:
         return refusal
-    ordered = _order(candidates, taken, request)
+    ordered = [d for d in _order(candidates, taken, request)
+               if not busy(d, taken, request.busy_memory_mib)]
     for device in ordered:
         if not taken.blockers(device):
             return Choice((device,), (), equivalents, device.uuid in request.prefer_uuids)
@@ -427,7 +453,8 @@ def _choose_mig(
         FULL,
         f"all {len(candidates)} {request.mig_profile} slices are in use "
         f"({len(candidates)}/{len(candidates)})"
-        + _alternatives(inventory, allocations, limits, request)
+        + _busy_words(candidates, ordered)
+        + _alternatives(inventory, allocations, limits, request, request.busy_memory_mib)
         + "; try again later or pick another profile",
         _holders(taken, candidates),
     )
@@ -442,11 +469,21 @@ def _unavailable(inventory: Inventory, devices: Sequence[Device], what: str) -> 
     )
 
 
+def _busy_words(candidates: Sequence[Device], usable: Sequence[Device]) -> str:
+    count = len(candidates) - len(usable)
+    if not count:
+        return ""
+    return (f", {count} of them busy with processes or memory no running server owns (an "
+            "admin sees which on the admin page)")
+
+
 def _alternatives(
-    inventory: Inventory, allocations: Sequence[Allocation], limits: LimitsLike, request: Request
+    inventory: Inventory, allocations: Sequence[Allocation], limits: LimitsLike, request: Request,
+    busy_memory_mib: int = 0,
 ) -> str:
     parts = []
-    for profile, (free, _total) in free_by_profile(inventory, allocations).items():
+    for profile, (free, _total) in free_by_profile(
+            inventory, allocations, busy_memory_mib).items():
         if profile == request.mig_profile or free == 0 or profile == "gpu":
             continue
         if limits.allows_profile("", profile) or limits.allows_profile(request.profile, profile):
@@ -494,7 +531,8 @@ def _choose_gpus(
     refusal = _quota(inventory, limits, allocations, request, equivalents)
     if refusal:
         return refusal
-    ordered = _order(candidates, taken, request)
+    ordered = [d for d in _order(candidates, taken, request)
+               if not busy(d, taken, request.busy_memory_mib)]
     free = [d for d in ordered if not taken.blockers(d)]
     chosen: list[Device] = free[: request.gpus]
     preempts: list[str] = []
@@ -510,7 +548,8 @@ def _choose_gpus(
         return Refusal(
             FULL,
             f"{len(free)} of {len(candidates)} whole GPUs are free and this profile needs "
-            f"{request.gpus}" + _alternatives(inventory, allocations, limits, request)
+            f"{request.gpus}" + _busy_words(candidates, ordered)
+            + _alternatives(inventory, allocations, limits, request, request.busy_memory_mib)
             + "; try again later or pick another profile",
             _holders(taken, candidates),
         )

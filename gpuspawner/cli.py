@@ -77,17 +77,27 @@ def cmd_status(args, world: World) -> int:
     return EXIT_OK
 
 
+def _memory(used_mib: int | None, total_mib: int) -> str:
+    """Memory in use of a device, for people: "7.9/10.0 GiB", or "n/a" where NVML does not
+    say (a MIG-enabled GPU read without root, an inventory from a file)."""
+    if used_mib is None:
+        return "n/a"
+    return f"{used_mib / 1024:.1f}/{total_mib / 1024:.1f} GiB"
+
+
 def cmd_gpus(args, world: World) -> int:
     snap = world.snapshot()
     rows = snap.devices()
     by_id = {a.container_id: a for a in snap.allocations}
     table = [
-        (d.slot, d.kind, d.profile, d.uuid, d.state,
+        (d.slot, d.kind, d.profile, d.uuid, d.state, _memory(d.memory_used_mib, d.memory_mib),
+         len(d.processes) if d.memory_used_mib is not None or d.processes else "n/a",
          ", ".join(f"{by_id[h].user or by_id[h].container_name}" for h in d.holders))
         for d in rows
     ]
     _emit(args, [d.to_json() for d in rows],
-          _table(table, ("slot", "kind", "profile", "uuid", "state", "holder")))
+          _table(table, ("slot", "kind", "profile", "uuid", "state", "memory", "processes",
+                         "holder")))
     return EXIT_OK
 
 
@@ -264,6 +274,11 @@ def parser() -> argparse.ArgumentParser:
                      help="the hub's Spawner.start_timeout: a container created this recently "
                      "and not started is a spawn in flight (default: GPUSPAWNER_START_TIMEOUT "
                      f"or JupyterHub's {DEFAULT_START_TIMEOUT:.0f} s)")
+    top.add_argument("--busy-memory-mib", type=int,
+                     default=int(env("GPUSPAWNER_BUSY_MEMORY_MIB") or 0),
+                     help="the hub's GPUSpawner.busy_memory_mib: memory in use above which a "
+                     "device no running container holds is busy (default: "
+                     "GPUSPAWNER_BUSY_MEMORY_MIB or 1024)")
     sub = top.add_subparsers(dest="command", required=True)
     for name, (_, what) in COMMANDS.items():
         command = sub.add_parser(name, help=what, description=what)
@@ -303,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         world = World(docker_host=args.docker_host, policy=args.policy,
                       inventory_source=args.inventory, topology=args.topology,
-                      start_timeout=args.start_timeout, hub_id=args.hub_id)
+                      start_timeout=args.start_timeout, hub_id=args.hub_id,
+                      busy_memory_mib=args.busy_memory_mib)
         world.policy()  # a broken policy file is a configuration error (2), for doctor too
         if args.command == "wait":
             return handler(args, world)  # an engine that is not up yet is what it waits for

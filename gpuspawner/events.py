@@ -61,6 +61,9 @@ GPU_CONFLICT = "gpu.conflict"
 #: A container's labels name other devices than Docker's device requests give it
 #: (``Snapshot.disagreements``); written once per container by the admin service.
 GPU_DISAGREE = "gpu.disagree"
+#: A device no running container holds has compute processes or memory in use
+#: (``Snapshot.busy``): never given out; written once per device by the admin service.
+GPU_BUSY = "gpu.busy"
 PORT_ALLOCATE = "port.allocate"
 PORT_TAKEN = "port.taken"  # Docker refused to bind a host port: chosen again without it
 CONTAINER_CREATE = "container.create"

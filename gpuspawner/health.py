@@ -100,6 +100,28 @@ def conflicts_check(snap: Snapshot) -> Check:
     )
 
 
+def busy_check(snap: Snapshot) -> Check:
+    """Compute processes or memory in use on a device no running container holds: a process
+    that outlived its container (or memory it leaked). gpuspawner does not give it out, so
+    a slice is lost to everyone until an admin ends the process: a failure, naming each."""
+    found = snap.busy()
+    if not found:
+        return Check("busy", OK, "no process runs on a device that no container holds")
+    devices = snap.inventory.by_uuid()
+    parts = []
+    for uuid, why in list(found.items())[:10]:
+        device = devices[uuid]
+        pids = ", ".join(str(p.pid) for p in device.processes[:5]) or "none listed"
+        kind = "MIG slice" if isinstance(device, MigDevice) else "GPU"
+        parts.append(f"{kind} {device.slot} ({uuid}) {why} (pids: {pids})")
+    more = f" (and {len(found) - 10} more)" if len(found) > 10 else ""
+    return Check(
+        "busy", FAIL,
+        f"{len(found)} device(s) in use with no running container: {'; '.join(parts)}{more}; "
+        "end those processes (nvidia-smi on the host names them), or reset the GPU",
+    )
+
+
 def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -> list[Check]:
     inv = snap.inventory
     checks: list[Check] = []
@@ -157,6 +179,7 @@ def snapshot_checks(snap: Snapshot, port_range: tuple[int, int] | None = None) -
     else:
         checks.append(Check("unmanaged", OK, "no unmanaged GPU containers"))
     checks.append(conflicts_check(snap))
+    checks.append(busy_check(snap))
     bad = [a for a in snap.allocations if a.label_problems]
     if bad:
         checks.append(Check(

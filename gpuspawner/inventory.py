@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .records import GPU, Inventory, MigDevice
+from .records import GPU, GpuProcess, Inventory, MigDevice
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,52 @@ def _gpu_memory(
         return _model_memory(name) or max((m for _, _, m in table.values()), default=0)
 
 
+#: nvidia-ml-py's names for the compute-process list, newest first (a driver may lack some).
+_PROCESS_CALLS = ("nvmlDeviceGetComputeRunningProcesses_v3",
+                  "nvmlDeviceGetComputeRunningProcesses_v2",
+                  "nvmlDeviceGetComputeRunningProcesses")
+
+
+def _activity(call: _Caller, handle: Any) -> tuple[int | None, tuple[GpuProcess, ...]]:
+    """Memory in use and compute processes of one device (a MIG device handle, or a GPU
+    with MIG off); (None, ()) where NVML will not say. Never makes a device unavailable:
+    activity is for people and for ``busy``, not for what exists."""
+    nvml = call.nvml
+    try:
+        used: int | None = int(call("nvmlDeviceGetMemoryInfo", handle).used) // _MIB
+    except nvml.NVMLError:
+        used = None
+    processes: tuple[GpuProcess, ...] = ()
+    for name in _PROCESS_CALLS:
+        if not hasattr(nvml, name):
+            continue
+        try:
+            found = call(name, handle) or []
+        except nvml.NVMLError_FunctionNotFound:
+            continue
+        except Exception as exc:  # NVML's errors, and nvidia-ml-py's library mismatch
+            log.debug("inventory: %s failed: %s", name, exc)
+            break
+        processes = tuple(GpuProcess(int(p.pid), _process_mib(p)) for p in found)
+        break
+    return used, processes
+
+
+def _process_mib(process: Any) -> int:
+    """A process's memory in MiB; 0 where NVML does not know it (nvidia-ml-py gives None, an
+    older one the all-ones "not available" value)."""
+    used = getattr(process, "usedGpuMemory", None) or 0
+    return 0 if used >= 2**63 else int(used) // _MIB
+
+
+def _utilization(call: _Caller, handle: Any) -> int | None:
+    """A whole GPU's utilization in percent; None where NVML does not report it (MIG)."""
+    try:
+        return int(call("nvmlDeviceGetUtilizationRates", handle).gpu)
+    except call.nvml.NVMLError:
+        return None
+
+
 @dataclass
 class _Partial:
     """What was read of one GPU before NVML failed on it."""
@@ -304,6 +350,10 @@ def _read_gpu(
     )
     if enabled:
         _read_migs(call, handle, gpu, table, notes, partial.migs)
+    else:
+        used, processes = _activity(call, handle)
+        gpu = replace(gpu, memory_used_mib=used, processes=processes,
+                      utilization=_utilization(call, handle))
     return gpu, partial.migs
 
 
@@ -333,6 +383,7 @@ def _read_migs(
             raise _MigChanged(f"MIG device {uuid} was listed twice")
         slices = int(attributes.gpuInstanceSliceCount)
         memory = int(attributes.memorySizeMB)
+        used, processes = _activity(call, mig)
         found.append(
             MigDevice(
                 slot=f"{gpu.index}.{position}",
@@ -345,6 +396,8 @@ def _read_migs(
                 memory_mib=memory,
                 slices=slices,
                 total_slices=gpu.total_slices,
+                memory_used_mib=used,
+                processes=processes,
             )
         )
 

@@ -33,6 +33,14 @@ class JSONRecord:
 
 
 @dataclass(frozen=True)
+class GpuProcess(JSONRecord):
+    """A compute process NVML reports on a device: host pid and the memory it uses."""
+
+    pid: int
+    used_mib: int
+
+
+@dataclass(frozen=True)
 class GPU(JSONRecord):
     """A physical GPU as the driver reports it."""
 
@@ -49,6 +57,12 @@ class GPU(JSONRecord):
     #: None. An unavailable GPU stays listed, so a container holding it is not told its GPU is
     #: gone, but the allocator never chooses it nor counts it free.
     unavailable: str | None = None
+    #: Activity, as NVML reported it at this read (None: not reported, "n/a"): memory in use,
+    #: compute processes, and utilization in percent. A MIG-enabled GPU's own figures are its
+    #: MIG devices' (and need root); NVML gives no utilization per MIG device.
+    memory_used_mib: int | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    utilization: int | None = None
 
     @property
     def slot(self) -> str:
@@ -75,6 +89,9 @@ class MigDevice(JSONRecord):
     total_slices: int  # compute slices of the parent GPU
     #: Why the device cannot be given out now (its GPU is unavailable), or None; see GPU.
     unavailable: str | None = None
+    #: Activity, as NVML reported it at this read; see GPU.
+    memory_used_mib: int | None = None
+    processes: tuple[GpuProcess, ...] = ()
 
     @property
     def equivalents(self) -> float:

@@ -15,12 +15,21 @@ from typing import Any
 from . import allocator
 from .ledger import Ledger
 from .policy import Limits, Policy
-from .records import RUNNING, Allocation, Device, Inventory, JSONRecord, MigDevice
+from .records import (
+    RUNNING,
+    Allocation,
+    Device,
+    GpuProcess,
+    Inventory,
+    JSONRecord,
+    MigDevice,
+)
 
 #: A device that two or more running containers hold (DESIGN.md "What taken means"); it wins
 #: over every other state, since only a person can settle it.
 CONFLICT = "conflict"
 UNAVAILABLE = "unavailable"  # a device no one holds that NVML fails on: never given out
+BUSY = allocator.BUSY  # a device no running container holds, with processes or memory in use
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -39,10 +48,18 @@ class DeviceView(JSONRecord):
     #: container on it (a whole-GPU holder of a MIG slice's parent included).
     holders: tuple[str, ...]
     #: "free" | "running" | "held" | "created" | "unmanaged" | "mig-parent" | "conflict" |
-    #: "unavailable" (no holder, and NVML fails on it: never given out)
+    #: "unavailable" (no holder, and NVML fails on it: never given out) | "busy" (no holder,
+    #: yet processes or memory in use: never given out)
     state: str
-    #: Why it is unavailable (``allocator.unavailable``), whatever its state.
+    #: Why it is unavailable (``allocator.unavailable``), whatever its state; or, when busy,
+    #: the words of ``allocator.busy``.
     reason: str | None = None
+    #: Activity as NVML reported it (None: not reported): memory in use and total, compute
+    #: processes (pid, MiB), utilization in percent (whole GPUs only).
+    memory_used_mib: int | None = None
+    memory_mib: int = 0
+    processes: tuple[GpuProcess, ...] = ()
+    utilization: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,9 @@ class Snapshot:
     taken_at: datetime
     #: Whose view this is: the hub whose containers count against its users' limits.
     hub_id: str | None = None
+    #: Memory in use (MiB) above which a device no running container holds is busy (0: the
+    #: default, ``allocator.BUSY_MEMORY_MIB``).
+    busy_memory_mib: int = 0
 
     def limits_for(self, user: str, groups: Iterable[str] = ()) -> Limits:
         return self.policy.for_user(user, groups).limits
@@ -62,7 +82,7 @@ class Snapshot:
         return allocator.usage(self.inventory, self.allocations, self.hub_id, user)
 
     def free_by_profile(self) -> dict[str, tuple[int, int]]:
-        return allocator.free_by_profile(self.inventory, self.allocations)
+        return allocator.free_by_profile(self.inventory, self.allocations, self.busy_memory_mib)
 
     def choose(
         self, request: allocator.Request, groups: Iterable[str] = ()
@@ -118,6 +138,17 @@ class Snapshot:
                     holders, key=lambda a: (a.created_at or _EPOCH, a.container_name)))
         return found
 
+    def busy(self) -> dict[str, str]:
+        """Devices no running container holds that have compute processes or memory in use
+        (``allocator.busy``: never given out), with the words that say so."""
+        taken = allocator.Taken(self.inventory, self.allocations)
+        found = {}
+        for device in (*self.inventory.gpus, *self.inventory.migs):
+            why = allocator.busy(device, taken, self.busy_memory_mib)
+            if why:
+                found[device.uuid] = why
+        return found
+
     def disagreements(self) -> tuple[Allocation, ...]:
         """Containers whose labels name other devices than Docker gives them (they hold both;
         ``Allocation.disagreement`` says which): shown, checked and logged, never trusted."""
@@ -143,6 +174,8 @@ class Snapshot:
                 state, own = CONFLICT, list(clash)
             elif not blockers:
                 state = UNAVAILABLE if allocator.unavailable(self.inventory, device) else "free"
+                if state == "free" and allocator.busy(device, taken, self.busy_memory_mib):
+                    state = BUSY
             elif not own:
                 state = "mig-parent"  # taken only through its parent or children
             elif any(not a.managed for a in own):
@@ -161,7 +194,13 @@ class Snapshot:
                     equivalents=device.equivalents,
                     holders=tuple(a.container_id for a in own),
                     state=state,
-                    reason=allocator.unavailable(self.inventory, device),
+                    reason=allocator.unavailable(self.inventory, device) or (
+                        allocator.busy(device, taken, self.busy_memory_mib)
+                        if state == BUSY else None),
+                    memory_used_mib=device.memory_used_mib,
+                    memory_mib=device.memory_mib,
+                    processes=device.processes,
+                    utilization=getattr(device, "utilization", None),
                 )
             )
         return tuple(rows)
@@ -186,6 +225,7 @@ def take(
     hub_id: str | None = None,
     live_only: bool = False,
     stopped_max_age: float = 0.0,
+    busy_memory_mib: int = 0,
 ) -> Snapshot:
     """Read the world once: the inventory, then Docker (holds counted with ``policy``), as
     hub ``hub_id`` sees it. ``live_only``: only created and running containers (``Ledger.read``:
@@ -195,4 +235,4 @@ def take(
     reading = ledger.read(policy.hold_seconds, now, live_only=live_only,
                           stopped_max_age=stopped_max_age)
     return Snapshot(inventory, reading.allocations, policy, reading.bound_ports, reading.read_at,
-                    hub_id)
+                    hub_id, busy_memory_mib)

@@ -224,7 +224,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     def take_snapshot(self, live_only: bool = False, stopped_max_age: float = 0.0) -> Snapshot:
         """Read the world once (blocking: call through the executor)."""
         return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id,
-                    live_only=live_only, stopped_max_age=stopped_max_age)
+                    live_only=live_only, stopped_max_age=stopped_max_age,
+                    busy_memory_mib=self.busy_memory_mib)
 
     async def snapshot(self, live_only: bool = False, stopped_max_age: float = 0.0) -> Snapshot:
         try:

@@ -276,6 +276,7 @@ def plan(
         strategy=req.strategy,
         hub=req.hub_id,
         own_container=own.container_id if own and ours else None,
+        busy_memory_mib=snap.busy_memory_mib,
     )
     choice = allocator.choose(snap.inventory, snap.allocations, limits, request)
     if isinstance(choice, Refusal):

@@ -163,6 +163,15 @@ class GPUSpawnerTraits(Configurable):
         ends.""",
     )
 
+    busy_memory_mib = Int(
+        1024,
+        config=True,
+        help="""MiB of GPU memory in use above which a device that no running container holds
+        is *busy*: a process that outlived its container, or memory it leaked. A busy device
+        (or one with any compute process on it) is never given out; the admin page, ``doctor``
+        and the operation log (``gpu.busy``) show it. A slice nobody uses shows a few MiB.""",
+    )
+
     allocation_strategy = CaselessStrEnum(
         [allocator.PACK, allocator.SPREAD],
         default_value=allocator.PACK,

@@ -82,8 +82,10 @@ class World:
         max_age: float = 0.0,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         hub_id: str = DEFAULT_HUB_ID,
+        busy_memory_mib: int = 0,
     ) -> None:
         self.docker_host = docker_host
+        self.busy_memory_mib = busy_memory_mib
         self.hub_id = hub_id
         self.inventory_source = inventory_source
         self.topology = topology
@@ -136,7 +138,8 @@ class World:
             last = self._last
             if not fresh and last is not None and time.monotonic() - last[0] < self.max_age:
                 return last[1]
-            snap = take(self.read_inventory, self.ledger, self.policy(), hub_id=self.hub_id)
+            snap = take(self.read_inventory, self.ledger, self.policy(), hub_id=self.hub_id,
+                        busy_memory_mib=self.busy_memory_mib)
             self._last = (time.monotonic(), snap)
             return snap
 

@@ -53,6 +53,7 @@ SERVICE_SCOPES: tuple[str, ...] = (
     "read:users:activity",
     "read:servers",
     "delete:servers",
+    "users:activity",
 )
 
 #: Spawner trait -> environment variable of the service (the names ``gpuspawner`` CLI reads).
@@ -67,6 +68,7 @@ _FROM_SPAWNER: tuple[tuple[str, str], ...] = (
     ("hub_id", "GPUSPAWNER_HUB_ID"),
     # JupyterHub's Spawner.start_timeout: how long a created container is a spawn in flight.
     ("start_timeout", "GPUSPAWNER_START_TIMEOUT"),
+    ("busy_memory_mib", "GPUSPAWNER_BUSY_MEMORY_MIB"),
 )
 #: Variables passed through from the hub's own environment when set there.
 _PASS_THROUGH: tuple[str, ...] = (
@@ -76,6 +78,7 @@ _PASS_THROUGH: tuple[str, ...] = (
     *(env for _, env in _FROM_SPAWNER),
     "GPUSPAWNER_ADMIN_IDLE",
     "GPUSPAWNER_ADMIN_DOCKER_EVENTS",
+    "GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL",
 )
 
 

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -49,7 +50,7 @@ from ..policy import PolicyError
 from ..records import JSONRecord
 from ..snapshot import Snapshot
 from ..world import ReleaseRefused
-from . import VIEW_SCOPE, metrics, views
+from . import VIEW_SCOPE, activity, metrics, views
 from .dockerevents import DockerEvents
 from .hubapi import HubAPI, HubUser
 from .render import PAGES, STATIC, Page, Renderer
@@ -107,6 +108,8 @@ class Admin:
         self.event_log = events.EventLog(settings.events, max_bytes=settings.events_max_bytes,
                                          keep_files=settings.events_keep)
         self.registry = metrics.registry(self.take, settings.events)
+        #: The GPU activity reporter's task (``report_activity_forever``), when running.
+        self.reporter: asyncio.Future[None] | None = None
         #: Follows Docker's events (``start_docker_events``); None until started.
         self.docker_events: DockerEvents | None = None
         #: What was logged and still present at the last look, per kind of problem:
@@ -122,11 +125,32 @@ class Admin:
             self.docker_events.start()
         return self.docker_events
 
+    async def report_activity(self) -> dict[str, set[str]]:
+        """Once: tell the Hub which servers run compute processes on their devices now
+        (``activity.active_servers``), so an idle culler leaves a training run alone."""
+        snap = await self.snapshot(fresh=True)
+        active = activity.active_servers(snap)
+        when = datetime.now(timezone.utc)
+        for user, servers in sorted(active.items()):
+            await self.hub.report_activity(user, sorted(servers), when)
+        return active
+
+    async def report_activity_forever(self) -> None:
+        """``report_activity`` every ``activity_interval`` seconds; a failure is logged and
+        the next round tries again."""
+        while True:
+            await asyncio.sleep(self.settings.activity_interval)
+            try:
+                await self.report_activity()
+            except Exception:
+                log.exception("reporting GPU activity to the Hub failed")
+
     def take(self, fresh: bool = False) -> Snapshot:
         """``World.snapshot`` for pages, scrapes and checks alike (blocking), noting conflicts."""
         snap = self.world.snapshot(fresh)
         self.note_conflicts(snap)
         self.note_disagreements(snap)
+        self.note_busy(snap)
         return snap
 
     def _first_seen(self, kind: str, current: set[Any]) -> set[Any]:
@@ -160,6 +184,18 @@ class Admin:
             )
             log.warning("device %s (%s) is held by %d running containers: %s", slot, uuid,
                         len(names), ", ".join(names))
+
+    def note_busy(self, snap: Snapshot) -> None:
+        """Write ``gpu.busy`` once for each device that became busy (processes or memory in
+        use, no running container holds it)."""
+        found = snap.busy()
+        devices = snap.inventory.by_uuid()
+        for uuid in sorted(self._first_seen("busy", set(found))):
+            device = devices[uuid]
+            self.event_log.write(events.GPU_BUSY, uuid=uuid, slot=device.slot,
+                                 reason=found[uuid], memory_used_mib=device.memory_used_mib,
+                                 pids=[p.pid for p in device.processes], via="admin-page")
+            log.warning("device %s (%s) is %s", device.slot, uuid, found[uuid])
 
     def note_disagreements(self, snap: Snapshot) -> None:
         """Write ``gpu.disagree`` once for each container whose labels and device requests
@@ -567,6 +603,8 @@ async def serve(settings: Settings) -> None:
     admin = Admin(settings, world, hub)
     if settings.docker_events:
         admin.start_docker_events()
+    if settings.activity_interval > 0:
+        admin.reporter = asyncio.ensure_future(admin.report_activity_forever())
     server = HTTPServer(make_app(admin), xheaders=True)
     server.listen(settings.bind_port, settings.bind_host)
     log.info("GPU allocations page at %s, listening on %s:%d", settings.prefix,

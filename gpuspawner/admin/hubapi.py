@@ -140,6 +140,24 @@ class HubAPI:
             limit = int(following.get("limit", limit))
         return parse_users(items)
 
+    async def report_activity(self, user: str, servers: Iterable[str], when: datetime) -> int:
+        """Tell the Hub that these servers of ``user`` were active at ``when`` (its
+        ``POST /users/{name}/activity``); the HTTP status, or 0 when the Hub did not answer."""
+        stamp = when.isoformat().replace("+00:00", "Z")
+        body = {"last_activity": stamp,
+                "servers": {name: {"last_activity": stamp} for name in servers}}
+        try:
+            response = await self.client.fetch(
+                self._request("POST", f"/users/{quote(user, safe='')}/activity", body,
+                              **{"Content-Type": "application/json"}))
+        except HTTPClientError as exc:
+            log.warning("the Hub refused the GPU activity of %s: %s", user, exc)
+            return exc.code
+        except OSError as exc:
+            log.warning("the Hub did not answer the GPU activity of %s: %s", user, exc)
+            return 0
+        return response.code
+
     async def stop_server(self, user: str, server: str = "") -> tuple[int, str]:
         """Ask the Hub to stop a server: (HTTP status, the Hub's message)."""
         path = (

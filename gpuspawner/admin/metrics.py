@@ -100,7 +100,33 @@ class SnapshotCollector:
         yield took
         yield from self._slots(snap)
         yield from self._holders(snap)
+        yield from self._activity(snap)
         yield from self._refusals()
+
+    def _activity(self, snap: Snapshot) -> Iterator[Metric]:
+        """What runs on each device, as NVML said at this read (devices NVML does not report
+        memory for are left out, not shown as 0), labelled with the user who holds it."""
+        memory = GaugeMetricFamily("gpuspawner_device_memory_used_bytes",
+                                   "GPU memory in use on each device",
+                                   labels=["device", "slot", "user"])
+        processes = GaugeMetricFamily("gpuspawner_device_processes",
+                                      "Compute processes on each device",
+                                      labels=["device", "slot", "user"])
+        busy = GaugeMetricFamily("gpuspawner_device_busy",
+                                 "Devices no running container holds with processes or memory "
+                                 "in use (never given out)")
+        by_id = {a.container_id: a for a in snap.allocations}
+        for view in snap.devices():
+            users = sorted({by_id[h].user or by_id[h].container_name
+                            for h in view.holders if h in by_id})
+            labels = [view.uuid, view.slot, ",".join(users)]
+            if view.memory_used_mib is not None:
+                memory.add_metric(labels, view.memory_used_mib * 1024 * 1024)
+                processes.add_metric(labels, len(view.processes))
+        busy.add_metric([], len(snap.busy()))
+        yield memory
+        yield processes
+        yield busy
 
     def _slots(self, snap: Snapshot) -> Iterator[Metric]:
         total = GaugeMetricFamily("gpuspawner_gpu_slots",

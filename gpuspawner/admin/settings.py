@@ -53,10 +53,15 @@ class Settings(JSONRecord):
     #: The hub's ``Spawner.start_timeout``: a created container younger than this is a spawn
     #: in flight and holds its devices, exactly as the spawner counts it.
     start_timeout: float = DEFAULT_START_TIMEOUT
+    #: The hub's ``GPUSpawner.busy_memory_mib``: memory in use above which a device no
+    #: running container holds is busy (0: the default).
+    busy_memory_mib: int = 0
     #: A holder whose last activity is older than this is listed as idle.
     idle_after: float = 3600.0
     #: Seconds between the page's refreshes.
     refresh: float = 5.0
+    #: Seconds between reports of GPU activity to the Hub (``admin/activity.py``); 0: never.
+    activity_interval: float = 60.0
     metrics_public: bool = False
 
     @classmethod
@@ -96,8 +101,10 @@ class Settings(JSONRecord):
             hub_id=env.get("GPUSPAWNER_HUB_ID") or DEFAULT_HUB_ID,
             start_timeout=_duration(env, "GPUSPAWNER_START_TIMEOUT",
                                     str(DEFAULT_START_TIMEOUT)),
+            busy_memory_mib=_count(env, "GPUSPAWNER_BUSY_MEMORY_MIB", 0),
             idle_after=_duration(env, "GPUSPAWNER_ADMIN_IDLE", "1h"),
             refresh=max(1.0, _duration(env, "GPUSPAWNER_ADMIN_REFRESH", "5s")),
+            activity_interval=_duration(env, "GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL", "60s"),
             metrics_public=(env.get("GPUSPAWNER_ADMIN_METRICS_PUBLIC") or "").lower()
             in ("1", "true", "yes"),
         )

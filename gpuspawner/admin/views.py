@@ -33,7 +33,7 @@ from ..records import (
     JSONRecord,
     MigDevice,
 )
-from ..snapshot import CONFLICT, UNAVAILABLE, DeviceView, Snapshot
+from ..snapshot import BUSY, CONFLICT, UNAVAILABLE, DeviceView, Snapshot
 from ..world import release_refusal
 from .hubapi import HubUser
 
@@ -48,10 +48,11 @@ STATES: tuple[tuple[str, str], ...] = (
     (UNMANAGED, "unmanaged holder"),
     (CONFLICT, "two running holders"),
     (UNAVAILABLE, "unavailable (NVML fails on it)"),
+    (BUSY, "busy (processes, no container)"),
     (MISSING, "UUID gone"),
 )
 _FROM_DEVICE_STATE = {RUNNING: RUNNING, HELD: HELD, CREATED: STARTING, UNMANAGED: UNMANAGED,
-                      CONFLICT: CONFLICT, UNAVAILABLE: UNAVAILABLE}
+                      CONFLICT: CONFLICT, UNAVAILABLE: UNAVAILABLE, BUSY: BUSY}
 _DOCKER_RUNNING = frozenset({"running", "paused", "restarting"})
 
 
@@ -105,6 +106,10 @@ class Block(JSONRecord):
     holders: tuple[Holder, ...] = ()
     #: When the hold of a held block ends (ISO 8601 UTC), shown on the block itself.
     until: str | None = None
+    #: What runs on it, as NVML said: "7.9/10.0 GiB · 2 processes"; "" where NVML does not
+    #: say. ``memory_percent`` draws the bar (None: no bar).
+    activity: str = ""
+    memory_percent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,8 @@ def _block(
         label = "free"
     elif state == UNAVAILABLE:
         label = f"unavailable: {view.reason}"
+    elif state == BUSY:
+        label = view.reason or "busy"
     elif state == MISSING:
         label = _who(holders[0]) if holders else "gone"
     else:
@@ -234,10 +241,29 @@ def _block(
         label=label,
         slices=max(1, slices),
         title=_title(kind, view.slot, view.uuid, state, holders, snap)
-        + (f"\nunavailable: {view.reason}" if view.reason else ""),
+        + (f"\n{view.reason}" if state == BUSY and view.reason else
+           f"\nunavailable: {view.reason}" if view.reason else "")
+        + "".join(f"\npid {p.pid}: {p.used_mib} MiB" for p in view.processes[:8]),
         holders=tuple(holder(snap, a, hub_id) for a in holders),
         until=_iso(until),
+        activity=activity(view),
+        memory_percent=(None if view.memory_used_mib is None or not view.memory_mib else
+                        min(100, round(100 * view.memory_used_mib / view.memory_mib))),
     )
+
+
+def activity(view: DeviceView) -> str:
+    """A device's activity in words: memory in use of total, compute processes (their pids
+    in the tooltip), utilization of a whole GPU; "" where NVML did not say."""
+    parts = []
+    if view.memory_used_mib is not None:
+        parts.append(f"{view.memory_used_mib / 1024:.1f}/{view.memory_mib / 1024:.1f} GiB")
+    if view.processes:
+        count = len(view.processes)
+        parts.append(f"{count} process{'' if count == 1 else 'es'}")
+    if view.utilization is not None:
+        parts.append(f"{view.utilization}% busy")
+    return " · ".join(parts)
 
 
 def overview(snap: Snapshot, hub_id: str | None = None) -> Overview:

@@ -21,5 +21,6 @@ class World(world.World):
             max_age=max_age,
             start_timeout=settings.start_timeout,
             hub_id=settings.hub_id,
+            busy_memory_mib=settings.busy_memory_mib,
         )
         self.settings = settings

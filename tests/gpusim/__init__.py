@@ -11,6 +11,12 @@ it.
 
 The state is written fully expanded (every default filled in) so the fakes, which are
 standard library only and run outside the test process, need no schema logic of their own.
+
+Activity (what real NVML reports as in use): every GPU and MIG device carries ``processes``
+(``[{"pid", "used_mib"}]``, compute processes) and ``memory_used_mib`` (memory held by no
+listed process, as leaked or zombie allocations are); a GPU carries ``utilization``
+(``{"gpu", "memory"}`` percent). :func:`start_process` and friends change them; a missing key
+(a state file from before) means none.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ BIN_DIR = HERE / "bin"
 TOPOLOGY_DIR = HERE / "topologies"
 
 _PROFILE = re.compile(r"^(\d+)g\.(\d+)gb")
+#: The first fake pid :func:`start_process` hands out: far above what a test host's own
+#: processes use, so a fake pid never names a real process of the machine running the tests.
+FIRST_PID = 400000
 #: Compute slices of MIG-capable models whose total is not 7 (the product's rule, repeated so
 #: the state file says explicitly what the product would assume).
 _TOTAL_SLICES_BY_MODEL = {"A30": 4}
@@ -87,6 +96,30 @@ def _mode(value: Any, where: str) -> str:
     raise TopologyError(f"{where}: MIG mode {value!r} is not 'enabled' or 'disabled'")
 
 
+def _activity(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A device's processes and memory in use, validated: a pid listed twice on one device or
+    a negative size is a typo, not something a driver reports."""
+    processes = []
+    for process in entry.get("processes") or []:
+        pid, used = int(process["pid"]), int(process.get("used_mib", 0))
+        if pid <= 0 or used < 0:
+            raise TopologyError(f"{where}: process {process!r} needs a pid > 0, used_mib >= 0")
+        if any(p["pid"] == pid for p in processes):
+            raise TopologyError(f"{where}: pid {pid} listed twice")
+        processes.append({"pid": pid, "used_mib": used})
+    memory_used = int(entry.get("memory_used_mib") or 0)
+    if memory_used < 0:
+        raise TopologyError(f"{where}: memory_used_mib {memory_used} is negative")
+    return {"processes": processes, "memory_used_mib": memory_used}
+
+
+def _percent(value: Any, where: str) -> int:
+    percent = int(value or 0)
+    if not 0 <= percent <= 100:
+        raise TopologyError(f"{where}: utilization {percent}% is outside 0..100")
+    return percent
+
+
 def expand(data: Mapping[str, Any], source: str = "topology") -> dict[str, Any]:
     """Validate a topology and fill in every default, so readers need no schema logic.
 
@@ -100,6 +133,7 @@ def expand(data: Mapping[str, Any], source: str = "topology") -> dict[str, Any]:
         "driver_version": str(data.get("driver_version", "550.90.07")),
         "cuda_version": str(data.get("cuda_version", "12.4")),
         "root": bool(data.get("root", True)),
+        "next_pid": max(int(data.get("next_pid") or FIRST_PID), FIRST_PID),
         "gpus": [],
     }
     if data.get("faults"):
@@ -124,7 +158,16 @@ def expand(data: Mapping[str, Any], source: str = "topology") -> dict[str, Any]:
             "total_slices": total,
             "max_mig_devices": int(entry.get("max_mig_devices") or total) if capable else 0,
             "mig_devices": [],
+            **_activity(entry, where),
+            "utilization": {
+                key: _percent((entry.get("utilization") or {}).get(key), where)
+                for key in ("gpu", "memory")
+            },
         }
+        if gpu["processes"] and mode == "enabled":
+            # CUDA sees only the MIG devices of a MIG-enabled GPU: nothing runs on the parent.
+            raise TopologyError(f"{where}: processes on a MIG-enabled GPU; put them on its "
+                                "MIG devices")
         if gpu["uuid"] in seen:
             raise TopologyError(f"{where}: UUID {gpu['uuid']} appears twice")
         seen.add(gpu["uuid"])
@@ -143,6 +186,7 @@ def expand(data: Mapping[str, Any], source: str = "topology") -> dict[str, Any]:
                 "ci": int(mig.get("ci", 0)),
                 "memory_mib": int(mig.get("memory_mib") or _memory_mib(profile)),
                 "slices": int(mig.get("slices") or _slices(profile)),
+                **_activity(mig, f"{where} MIG {mig['uuid']}"),
             }
             if device["uuid"] in seen:
                 raise TopologyError(f"{where}: UUID {device['uuid']} appears twice")
@@ -209,11 +253,16 @@ def reboot(state_path: str | os.PathLike[str], seed: int | None = None) -> dict[
     As on a real host: every MIG device comes back with a NEW UUID (same profile, same
     GPU-instance id), its NVML handle index may differ, and pending MIG mode changes take
     effect (a GPU whose MIG turns on starts with no instances; one turning off loses them).
-    GPU UUIDs never change.
+    GPU UUIDs never change. Every process ends and all memory is free again; the fake pid
+    counter goes on (a test must not mistake a new process for an old one).
     """
     rng = random.Random(seed) if seed is not None else random.Random(os.urandom(16))
     state = read_state(state_path)
     for gpu in state["gpus"]:
+        _idle(gpu)  # a reboot ends every process and frees all memory
+        gpu["utilization"] = {"gpu": 0, "memory": 0}
+        for device in gpu.get("mig_devices") or []:
+            _idle(device)
         if gpu.get("mig_pending", gpu["mig_mode"]) != gpu["mig_mode"]:
             gpu["mig_mode"] = gpu["mig_pending"]
             gpu["mig_devices"] = []
@@ -259,7 +308,8 @@ def set_mig(
     Each device is a profile name (``"1g.10gb"``: a new UUID, the next free GPU-instance id,
     the model's real memory size) or a mapping in the topology schema. Returns the devices
     as written, so a test knows the new UUIDs. The GPU's MIG mode must already be on: a real
-    driver refuses instances otherwise.
+    driver refuses instances otherwise. Every device written is a new instance: no processes,
+    no memory in use.
     """
     rng = random.Random(seed) if seed is not None else random.Random(os.urandom(16))
     state = read_state(state_path)
@@ -281,12 +331,109 @@ def set_mig(
                 "ci": 0,
                 "memory_mib": row[5] if row else _memory_mib(device),
             }
-        wanted.append(dict(device))
+        # A created instance starts idle, whatever a mapping passed back in still carries.
+        fresh = {k: v for k, v in device.items() if k not in ("processes", "memory_used_mib")}
+        wanted.append(fresh)
     candidate = copy.deepcopy(state)
     _gpu(candidate, index)["mig_devices"] = wanted
     candidate = expand(candidate, source=str(state_path))
     _write(state_path, candidate)
     return _gpu(candidate, index)["mig_devices"]
+
+
+def _idle(device: dict[str, Any]) -> None:
+    device["processes"] = []
+    device["memory_used_mib"] = 0
+
+
+def _devices(state: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+    """Every GPU and MIG device of the state."""
+    for gpu in state["gpus"]:
+        yield gpu
+        yield from gpu.get("mig_devices") or []
+
+
+def _device(state: Mapping[str, Any], uuid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(gpu, device) for a GPU or MIG UUID; a KeyError naming the UUID, so a test that kept a
+    UUID from before a reboot or set_mig learns why at once."""
+    for gpu in state["gpus"]:
+        if gpu["uuid"] == uuid:
+            return gpu, gpu
+        for mig in gpu.get("mig_devices") or []:
+            if mig["uuid"] == uuid:
+                return gpu, mig
+    raise KeyError(f"no GPU or MIG device with UUID {uuid} (re-created or rebooted away?)")
+
+
+def start_process(
+    state_path: str | os.PathLike[str], device_uuid: str, used_mib: int, pid: int | None = None
+) -> int:
+    """A compute process starts on a GPU (MIG off) or a MIG device and holds ``used_mib``.
+
+    ``pid`` defaults to a fresh fake one from a counter in the state (from FIRST_PID, never
+    handed out twice, not even after a reboot), so tests can tell processes apart. One pid
+    may run on several devices, as a multi-GPU process does, but only once on each. A
+    MIG-enabled GPU refuses: CUDA sees only its MIG devices. Returns the pid.
+    """
+    state = read_state(state_path)
+    gpu, device = _device(state, device_uuid)
+    if device is gpu and gpu.get("mig_mode") == "enabled":
+        raise ValueError(f"GPU {device_uuid} has MIG enabled: processes run on its MIG devices")
+    if int(used_mib) < 0:
+        raise ValueError(f"used_mib {used_mib} is negative")
+    processes = device.setdefault("processes", [])
+    if pid is None:
+        running = {int(p["pid"]) for d in _devices(state) for p in d.get("processes") or []}
+        pid = max(int(state.get("next_pid") or FIRST_PID), FIRST_PID)
+        while pid in running:
+            pid += 1
+        state["next_pid"] = pid + 1
+    elif any(int(p["pid"]) == int(pid) for p in processes):
+        raise ValueError(f"pid {pid} already runs on {device_uuid}")
+    processes.append({"pid": int(pid), "used_mib": int(used_mib)})
+    _write(state_path, state)
+    return int(pid)
+
+
+def end_process(state_path: str | os.PathLike[str], pid: int) -> None:
+    """Process ``pid`` exits: it leaves every device it ran on. Already gone is fine, as a
+    test cleaning up after a container that took its processes with it needs."""
+    state = read_state(state_path)
+    changed = False
+    for device in _devices(state):
+        processes = device.get("processes") or []
+        kept = [p for p in processes if int(p["pid"]) != int(pid)]
+        if len(kept) != len(processes):
+            device["processes"] = kept
+            changed = True
+    if changed:
+        _write(state_path, state)
+
+
+def set_memory_used(state_path: str | os.PathLike[str], device_uuid: str, mib: int) -> None:
+    """Memory in use on a device that no listed process holds (leaked by a crashed process,
+    a zombie's): NVML counts it in ``used`` but lists no process for it."""
+    if int(mib) < 0:
+        raise ValueError(f"memory in use {mib} MiB is negative")
+    state = read_state(state_path)
+    _gpu_entry, device = _device(state, device_uuid)
+    device["memory_used_mib"] = int(mib)
+    _write(state_path, state)
+
+
+def set_utilization(
+    state_path: str | os.PathLike[str], gpu_index: int, gpu_percent: int,
+    memory_percent: int = 0,
+) -> None:
+    """GPU ``gpu_index``'s utilization as NVML samples it. Only a whole GPU with MIG off
+    reports it: on a MIG-enabled GPU and its MIG devices NVML says Not Supported."""
+    for value in (gpu_percent, memory_percent):
+        if not 0 <= int(value) <= 100:
+            raise ValueError(f"utilization {value}% is outside 0..100")
+    state = read_state(state_path)
+    _gpu(state, gpu_index)["utilization"] = {"gpu": int(gpu_percent),
+                                             "memory": int(memory_percent)}
+    _write(state_path, state)
 
 
 def set_pending_mig(state_path: str | os.PathLike[str], index: int, mode: str) -> None:
@@ -455,6 +602,18 @@ class Simulator:
 
     def clear_faults(self) -> None:
         clear_faults(self.state_path)
+
+    def start_process(self, device_uuid: str, used_mib: int, pid: int | None = None) -> int:
+        return start_process(self.state_path, device_uuid, used_mib, pid)
+
+    def end_process(self, pid: int) -> None:
+        end_process(self.state_path, pid)
+
+    def set_memory_used(self, device_uuid: str, mib: int) -> None:
+        set_memory_used(self.state_path, device_uuid, mib)
+
+    def set_utilization(self, gpu_index: int, gpu_percent: int, memory_percent: int = 0) -> None:
+        set_utilization(self.state_path, gpu_index, gpu_percent, memory_percent)
 
     def hook_calls(self) -> list[dict[str, Any]]:
         return read_hook_log(self.hook_log)

@@ -97,7 +97,7 @@ def test_a_healthy_host_is_all_ok():
     checks = health.snapshot_checks(snap(), (40000, 40999))
     found = by_name(checks)
     assert list(found) == ["nvml", "mig-pending", "missing-uuids", "unmanaged", "conflicts",
-                           "ports"]
+                           "busy", "ports"]
     assert all(c.status == OK for c in checks), checks
     assert found["nvml"].message == "2 GPU(s), 7 MIG device(s) through file"
     assert found["ports"].message == "1000 of 1000 ports free in 40000-40999"
@@ -365,7 +365,7 @@ def test_run_all_adds_the_snapshot_checks():
     checks = health.run_all(api, snap, (40000, 40999))
     assert [c.name for c in checks] == [
         "docker", "nvidia-runtime", "nvml", "mig-pending", "missing-uuids", "unmanaged",
-        "conflicts", "ports"]
+        "conflicts", "busy", "ports"]
     assert health.worst(checks) == OK
 
 

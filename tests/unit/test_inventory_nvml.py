@@ -92,3 +92,41 @@ def test_nvidia_smi_fallback_agrees_with_nvml(sim, nvml, monkeypatch):
     assert {(m.uuid, m.slot, m.profile) for m in smi.migs} == {
         (m.uuid, m.slot, m.profile) for m in real.migs
     }
+
+
+def test_activity_per_device_as_nvml_reports_it(sim, nvml):
+    """Memory in use and compute processes on each MIG device and on a GPU with MIG off,
+    utilization of that GPU; nothing claimed where NVML does not say (a MIG-enabled GPU's
+    own figures are its slices'; no utilization per MIG device)."""
+    state = sim.state()
+    slice_uuid = state["gpus"][0]["mig_devices"][2]["uuid"]
+    whole = state["gpus"][3]
+    pid = sim.start_process(slice_uuid, 7000)
+    sim.set_memory_used(slice_uuid, 90)
+    sim.start_process(whole["uuid"], 20000, pid=77)
+    sim.set_utilization(3, 85)
+    inv = inventory.read_nvml(nvml)
+    mig = next(m for m in inv.migs if m.uuid == slice_uuid)
+    assert [(p.pid, p.used_mib) for p in mig.processes] == [(pid, 7000)]
+    assert mig.memory_used_mib == 7090
+    idle = next(m for m in inv.migs if m.uuid != slice_uuid)
+    assert idle.processes == () and idle.memory_used_mib == 0
+    gpu3 = inv.gpus[3]
+    assert [(p.pid, p.used_mib) for p in gpu3.processes] == [(77, 20000)]
+    assert gpu3.memory_used_mib == 20000 and gpu3.utilization == 85
+    assert inv.gpus[0].utilization is None and inv.gpus[0].memory_used_mib is None
+    sim.end_process(pid)
+    after = next(m for m in inventory.read_nvml(nvml).migs if m.uuid == slice_uuid)
+    assert after.processes == () and after.memory_used_mib == 90
+
+
+def test_activity_that_nvml_refuses_leaves_the_device_available(sim, nvml):
+    """A failing process or memory call is no reason to stop giving a device out."""
+    slice_uuid = sim.state()["gpus"][0]["mig_devices"][0]["uuid"]
+    sim.start_process(slice_uuid, 500)
+    sim.fail_calls(1000, "NoPermission", functions=[
+        "nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2"])
+    inv = inventory.read_nvml(nvml, sleep=lambda s: None)
+    mig = next(m for m in inv.migs if m.uuid == slice_uuid)
+    assert mig.unavailable is None and mig.processes == () and mig.memory_used_mib == 500
+    assert not any(g.unavailable for g in inv.gpus)

@@ -313,6 +313,10 @@
         el("span", { cls: "slot" }, b.slot,
           b.slices > 1 ? el("small", { text: " " + b.profile }) : null),
         el("span", { cls: "who", text: b.label }),
+        b.memory_percent === null || b.memory_percent === undefined ? null :
+          el("span", { cls: "mem", "aria-hidden": "true" },
+            el("span", { cls: "mem-bar", style: `width: ${Number(b.memory_percent)}%` })),
+        b.activity ? el("span", { cls: "activity", text: b.activity }) : null,
         b.until && b.slices > 1 ? el("time", { cls: "until", "data-format": "clock", datetime: b.until,
           text: "until " + clock(b.until) }) : null);
       }));

@@ -14,13 +14,18 @@ handle to a MIG device that is gone answers ``Not Found``, one to a GPU that is 
 lost``. Standard library only: a hub started in a subprocess gets it with
 ``PYTHONPATH=<this dir>``.
 
+Activity: each GPU and MIG device's ``processes`` and ``memory_used_mib`` make its memory
+``used`` and its process list; a MIG-enabled GPU's handle sums its MIG devices (as root). A
+GPU's ``utilization`` is reported only with MIG off: NVML does not sample MIG devices.
+
 Faults the simulator can switch on (state keys, see ``tests.gpusim.Simulator``), each failing
 the way a real driver fails, with its exception classes and messages:
 
-- ``root: false``: a non-root caller. GPU-instance lookups and the memory of a MIG-enabled
-  GPU (``nvmlDeviceGetMemoryInfo`` on its handle: aggregate information needs privileges)
-  raise ``NVMLError_NoPermission``; everything else answers (MIG device handles, their UUIDs,
-  GPU-instance and compute-instance ids, attributes and memory).
+- ``root: false``: a non-root caller. GPU-instance lookups and the memory and processes of a
+  MIG-enabled GPU (``nvmlDeviceGetMemoryInfo`` and ``…RunningProcesses`` on its handle:
+  aggregate information needs privileges) raise ``NVMLError_NoPermission``; everything else
+  answers (MIG device handles, their UUIDs, GPU-instance and compute-instance ids,
+  attributes, memory and processes).
 - ``faults.delay_s``: every NVML call takes that long (a driver busy with a hung GPU).
 - ``faults.rules``: a list of ``{id, error, gpu, functions, times}``: calls of ``functions``
   (all when absent; ``nvmlShutdown`` never) about GPU ``gpu`` (its UUID: calls on its handle,
@@ -119,6 +124,9 @@ nvmlGpuInstanceProfileInfo_v2 = 0x02000098
 nvmlMemory_v2 = 0x02000028
 
 _MIB = 1024 * 1024
+#: What NVML puts in a process's gpuInstanceId/computeInstanceId when MIG is off
+#: (NVML_VALUE_NOT_AVAILABLE as a c_uint).
+_NOT_AVAILABLE_UINT = 0xFFFFFFFF
 
 # ------------------------------------------------------------------------------------ errors
 
@@ -217,6 +225,11 @@ NVMLError_FunctionNotFound: type[NVMLError] = NVMLError._valClassMapping[
 NVMLError_Unknown: type[NVMLError] = NVMLError._valClassMapping[NVML_ERROR_UNKNOWN]
 
 
+class NVMLLibraryMismatchError(Exception):
+    """What the real unversioned wrappers (``…RunningProcesses``) raise instead of
+    FunctionNotFound: not an NVMLError, so a caller catching only NVMLError meets it."""
+
+
 def nvmlErrorString(result: int) -> str:
     return NVMLError._errcode_to_string.get(result, "Unknown Error")
 
@@ -233,6 +246,38 @@ class c_nvmlMemory_v2_t(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint), ("total", ctypes.c_ulonglong),
                 ("reserved", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong),
                 ("used", ctypes.c_ulonglong)]
+
+
+class c_nvmlProcessInfo_v2_t(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+
+c_nvmlProcessInfo_v3_t = c_nvmlProcessInfo_v2_t
+c_nvmlProcessInfo_t = c_nvmlProcessInfo_v3_t
+
+
+class c_nvmlUtilization_t(ctypes.Structure):
+    _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+
+class nvmlFriendlyObject:
+    """The real process lists hold these (a struct's fields as attributes), not structs."""
+
+    def __init__(self, dictionary: dict[str, Any]) -> None:
+        for key in dictionary:
+            setattr(self, key, dictionary[key])
+
+    def __str__(self) -> str:
+        return self.__dict__.__str__()
+
+
+def nvmlStructToFriendlyObject(struct: ctypes.Structure) -> nvmlFriendlyObject:
+    values = {}
+    for field in struct._fields_:
+        value = getattr(struct, field[0])
+        values[field[0]] = value.decode() if isinstance(value, bytes) else value
+    return nvmlFriendlyObject(values)
 
 
 class c_nvmlDeviceAttributes(ctypes.Structure):
@@ -592,11 +637,78 @@ def nvmlDeviceGetMemoryInfo(
         # only if the caller has appropriate privileges." MIG device handles always answer.
         _raise(NVML_ERROR_NO_PERMISSION)
     total = int((mig or gpu).get("memory_mib") or 0) * _MIB
+    used = sum(_used_mib(device) for device, _gi, _ci in _owners(gpu, mig)) * _MIB
+    free = max(total - used, 0)
     if not version:
-        return c_nvmlMemory_t(total, total, 0)
+        return c_nvmlMemory_t(total, free, used)
     if version != nvmlMemory_v2:
         _raise(NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
-    return c_nvmlMemory_v2_t(version, total, 0, total, 0)
+    return c_nvmlMemory_v2_t(version, total, 0, free, used)
+
+
+def _used_mib(device: dict[str, Any]) -> int:
+    """One device's memory in use: its processes' and what no process holds."""
+    held = sum(int(p.get("used_mib") or 0) for p in device.get("processes") or [])
+    return held + int(device.get("memory_used_mib") or 0)
+
+
+def _owners(
+    gpu: dict[str, Any], mig: dict[str, Any] | None
+) -> list[tuple[dict[str, Any], int, int]]:
+    """The devices whose activity a handle reports, each with the (GPU-instance,
+    compute-instance) ids its processes carry: a MIG handle its own, a GPU handle its own
+    and (MIG on: the aggregate) every MIG device's."""
+    if mig is not None:
+        return [(mig, int(mig["gi"]), int(mig.get("ci", 0)))]
+    return [(gpu, _NOT_AVAILABLE_UINT, _NOT_AVAILABLE_UINT)] + [
+        (m, int(m["gi"]), int(m.get("ci", 0))) for m in _migs(gpu)]
+
+
+def _running(handle: _Handle, graphics: bool) -> list[nvmlFriendlyObject]:
+    """A process list as the real wrappers build it: friendly objects made from
+    c_nvmlProcessInfo_t, memory in bytes, refused where aggregate memory is refused."""
+    gpu, mig = _resolve(handle)
+    if mig is None and _enabled(gpu) and not _current().get("root", True):
+        _raise(NVML_ERROR_NO_PERMISSION)  # aggregate information, as for memory
+    if graphics:
+        return []  # no display work on these hosts
+    return [
+        nvmlStructToFriendlyObject(c_nvmlProcessInfo_v2_t(
+            int(p["pid"]), int(p.get("used_mib") or 0) * _MIB, gi, ci))
+        for device, gi, ci in _owners(gpu, mig) for p in device.get("processes") or []
+    ]
+
+
+def nvmlDeviceGetComputeRunningProcesses_v3(handle: _Handle) -> list[nvmlFriendlyObject]:
+    return _running(handle, graphics=False)
+
+
+def nvmlDeviceGetComputeRunningProcesses_v2(handle: _Handle) -> list[nvmlFriendlyObject]:
+    return _running(handle, graphics=False)
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[nvmlFriendlyObject]:
+    return nvmlDeviceGetComputeRunningProcesses_v3(handle)
+
+
+def nvmlDeviceGetGraphicsRunningProcesses_v3(handle: _Handle) -> list[nvmlFriendlyObject]:
+    return _running(handle, graphics=True)
+
+
+def nvmlDeviceGetGraphicsRunningProcesses_v2(handle: _Handle) -> list[nvmlFriendlyObject]:
+    return _running(handle, graphics=True)
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle: _Handle) -> list[nvmlFriendlyObject]:
+    return nvmlDeviceGetGraphicsRunningProcesses_v3(handle)
+
+
+def nvmlDeviceGetUtilizationRates(handle: _Handle) -> c_nvmlUtilization_t:
+    gpu, mig = _resolve(handle)
+    if mig is not None or _enabled(gpu):
+        _raise(NVML_ERROR_NOT_SUPPORTED)  # NVML samples no MIG device, nor a MIG-enabled GPU
+    rates = gpu.get("utilization") or {}
+    return c_nvmlUtilization_t(int(rates.get("gpu") or 0), int(rates.get("memory") or 0))
 
 
 def nvmlDeviceGetMigMode(device: _Handle) -> list[int]:
@@ -812,8 +924,34 @@ def _install_faults() -> None:
         if (name.startswith("nvml") and name[4:5].isupper() and callable(value)
                 and not isinstance(value, type) and name not in ("nvmlShutdown",
                                                                  "nvmlErrorString",
-                                                                 "nvmlExceptionClass")):
+                                                                 "nvmlExceptionClass",
+                                                                 "nvmlStructToFriendlyObject")):
             setattr(module, name, _with_faults(name, value))
 
 
+def _throw_on_version_mismatch(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The real decorator of the unversioned ``…RunningProcesses``: FunctionNotFound (an old
+    driver) becomes NVMLLibraryMismatchError. Applied over the fault hook, so an injected
+    FunctionNotFound comes out as the real one would."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except NVMLError_FunctionNotFound as error:
+            raise NVMLLibraryMismatchError(
+                "Unversioned function called and the pyNVML version does not match the NVML "
+                "lib version. Either use matching pyNVML and NVML lib versions or use a "
+                f"versioned function such as {function.__name__}_v2") from error
+
+    return wrapper
+
+
+def _install_version_checks() -> None:
+    module = sys.modules[__name__]
+    for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+        setattr(module, name, _throw_on_version_mismatch(getattr(module, name)))
+
+
 _install_faults()
+_install_version_checks()

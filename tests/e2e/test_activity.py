@@ -1,0 +1,123 @@
+"""GPU activity through a real Hub: a zombie process on a free slice is never handed out,
+and the admin page, its JSON, ``doctor`` and the operation log say the slice is busy.
+
+The simulator plays NVML: a compute process started with ``gpusim.start_process`` on a MIG
+device shows in ``nvmlDeviceGetComputeRunningProcesses`` and in its memory, exactly as a
+process that outlived its container would on a real host.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from gpuspawner import inventory
+
+from .conftest import MakeHub
+from .test_admin import Tokens, admin_config, with_token
+from .test_admin_browser import ARTIFACTS, browser, open_as_admin  # noqa: F401 - the fixture
+from .test_admin_conflict import doctor
+
+pytestmark = pytest.mark.docker
+
+
+def test_zombie_slices_are_avoided_and_shown_busy(
+    make_hub: MakeHub, engine: Any, gpusim: Any, browser: Any,  # noqa: F811
+) -> None:
+    tokens = Tokens()
+    hub = make_hub(config_extra=admin_config(tokens))
+    slices = [m for m in inventory.read("file", topology_file=gpusim.state_path).migs
+              if m.profile == "1g.10gb"]
+    assert len(slices) == 9
+    clean, zombies = slices[4], [m for m in slices if m is not slices[4]]
+    pids = {m.uuid: gpusim.start_process(m.uuid, 8090) for m in zombies}
+
+    hub.spawn("ann", "mig-1g")  # the one slice with nothing on it is the only choice
+    [container] = engine.client.containers.list(filters={"label": "ds01.user=ann"})
+    [request] = container.attrs["HostConfig"]["DeviceRequests"]
+    assert request["DeviceIDs"] == [clean.uuid]
+    handed = [c["devices"] for c in gpusim.hook_calls() if c["id"] == container.id]
+    assert handed == [[clean.uuid]]
+
+    refused = hub.spawn("bo", "mig-1g")
+    assert refused.status_code == 503, refused.text
+    message = refused.json()["message"]
+    assert "all 9 1g.10gb slices are in use (9/9)" in message, message
+    assert "8 of them busy with processes or memory no running server owns" in message
+
+    gpus = with_token(hub, tokens.dashboard, "api/gpus")
+    assert gpus.status_code == 200, gpus.text
+    seen = {d["uuid"]: d for d in gpus.json()}
+    for m in zombies:
+        assert seen[m.uuid]["state"] == "busy", seen[m.uuid]
+        assert seen[m.uuid]["reason"] == (
+            "busy: 1 process, 7.9 GiB in use, no running container holds it")
+        assert seen[m.uuid]["processes"] == [{"pid": pids[m.uuid], "used_mib": 8090}]
+    assert seen[clean.uuid]["state"] == "running"
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    open_as_admin(page, hub)
+    for when in ("rendered", "refreshed"):
+        if when == "refreshed":
+            page.wait_for_function("document.body.dataset.refreshed", timeout=15_000)
+        block = page.locator(f'.slice[data-uuid="{zombies[0].uuid}"]')
+        assert block.get_attribute("data-state") == "busy"
+        assert "busy: 1 process, 7.9 GiB" in block.inner_text()
+        assert "7.9/9.5 GiB · 1 process" in block.inner_text()
+        width = block.locator(".mem-bar").evaluate("e => e.style.width")
+        assert width == "83%", width
+        assert f"pid {pids[zombies[0].uuid]}: 8090 MiB" in (block.get_attribute("title") or "")
+        legend = page.locator('#legend li[data-state="busy"]')
+        assert legend.locator(".count").inner_text() == "8"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "admin-activity.png"), full_page=True)
+    assert not problems, problems
+    context.close()
+
+    code, checks = doctor(hub)
+    found = {c["name"]: c for c in checks}
+    assert code == 1 and found["busy"]["status"] == "fail", found.get("busy")
+    assert all(str(pid) in found["busy"]["message"] for pid in list(pids.values())[:5])
+
+    logged = [e for e in hub.events() if e["event"] == "gpu.busy"]
+    assert sorted(e["uuid"] for e in logged) == sorted(m.uuid for m in zombies), logged
+
+    gpusim.end_process(pids[zombies[0].uuid])  # an admin ended it: the slice is free again
+    again = hub.spawn("bo", "mig-1g")
+    assert again.status_code < 400, again.text
+    [bo] = engine.client.containers.list(filters={"label": "ds01.user=bo"})
+    assert bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [zombies[0].uuid]
+
+
+def _last_activity(hub: Any, user: str, server: str = "") -> str:
+    model = hub.server_model(user, server)
+    assert model is not None, f"{user}/{server} is not running"
+    return str(model["last_activity"])
+
+
+def test_a_server_computing_on_its_slice_is_active_with_the_browser_closed(
+    make_hub: MakeHub, engine: Any, gpusim: Any,
+) -> None:
+    """No browser, no HTTP traffic: only a compute process on ann's slice. The admin service
+    reports it, so the Hub's ``last_activity`` of ann's server advances (what
+    jupyterhub-idle-culler reads); bo's server, on an idle slice, stays where it was."""
+    tokens = Tokens()
+    hub = make_hub(config_extra=admin_config(tokens),
+                   env_extra={"GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL": "2s"})
+    hub.spawn("ann", "mig-1g")
+    hub.spawn("bo", "mig-1g")
+    [ann] = engine.client.containers.list(filters={"label": "ds01.user=ann"})
+    [slice_uuid] = ann.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
+    time.sleep(4)  # past the servers' own first reports
+    before = {user: _last_activity(hub, user) for user in ("ann", "bo")}
+    gpusim.start_process(slice_uuid, 6000)  # a training run in ann's terminal
+    deadline = time.monotonic() + 30
+    while _last_activity(hub, "ann") <= before["ann"]:
+        assert time.monotonic() < deadline, "ann's last_activity never advanced"
+        time.sleep(1)
+    assert _last_activity(hub, "bo") == before["bo"]

@@ -1,0 +1,126 @@
+"""Zombies are not handed out: a device no running container holds, with compute processes
+on it or more memory in use than ``busy_memory_mib``, is ``busy`` (issue "GPU activity",
+item 2). Tested as data: inventories with activity, allocations, and what the allocator,
+the snapshot, the form counts and ``doctor`` say of them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from gpuspawner import allocator, health
+from gpuspawner.allocator import Choice, Refusal, choose, free_by_profile
+from gpuspawner.policy import Policy
+from gpuspawner.records import HELD, GpuProcess, Inventory
+from gpuspawner.snapshot import Snapshot
+
+from .hosts import Request, holding, host, limits, stopped
+
+A100 = host(["1g.10gb"] * 7, ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"], None, None)
+ZOMBIE = (GpuProcess(4242, 8090),)
+
+
+def with_activity(inventory: Inventory, uuids, processes=ZOMBIE, used: int | None = None):
+    """``inventory`` where each of ``uuids`` has ``processes`` and ``used`` MiB in use
+    (default: what the processes use)."""
+    mib = sum(p.used_mib for p in processes) if used is None else used
+    return replace(
+        inventory,
+        gpus=tuple(replace(g, processes=tuple(processes), memory_used_mib=mib)
+                   if g.uuid in uuids else g for g in inventory.gpus),
+        migs=tuple(replace(m, processes=tuple(processes), memory_used_mib=mib)
+                   if m.uuid in uuids else m for m in inventory.migs),
+    )
+
+
+def snap(inventory: Inventory, allocations=(), busy_memory_mib: int = 0) -> Snapshot:
+    return Snapshot(inventory, tuple(allocations), Policy(), frozenset(),
+                    datetime.now(timezone.utc), "test-hub", busy_memory_mib)
+
+
+def first_1g(inventory: Inventory):
+    return next(m for m in inventory.migs if m.profile == "1g.10gb")
+
+
+def test_a_slice_with_a_process_and_no_container_is_skipped_and_shown_busy():
+    zombie = first_1g(A100)
+    inv = with_activity(A100, {zombie.uuid})
+    choice = choose(inv, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    assert isinstance(choice, Choice) and choice.uuids[0] != zombie.uuid
+    view = {v.uuid: v for v in snap(inv).devices()}[zombie.uuid]
+    assert view.state == "busy"
+    assert view.reason == "busy: 1 process, 7.9 GiB in use, no running container holds it"
+    assert view.processes == ZOMBIE and view.memory_used_mib == 8090
+    assert free_by_profile(inv, [])["1g.10gb"] == (8, 9)  # in the total, never free
+
+
+def test_memory_in_use_without_a_process_counts_above_the_threshold_only():
+    slice_ = first_1g(A100)
+    small = with_activity(A100, {slice_.uuid}, processes=(), used=13)  # the driver's own
+    assert snap(small).busy() == {}
+    leaked = with_activity(A100, {slice_.uuid}, processes=(), used=3000)
+    assert snap(leaked).busy() == {
+        slice_.uuid: "busy: 2.9 GiB in use, no running container holds it"}
+    assert snap(leaked, busy_memory_mib=4096).busy() == {}  # the admin's threshold
+    wanted = Request("ann", mig_profile="1g.10gb", busy_memory_mib=4096)
+    assert choose(leaked, [], limits(), wanted).uuids[0] == slice_.uuid
+
+
+def test_a_running_holders_own_processes_are_its_work_not_a_zombie():
+    first = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    running = holding(first, "ann")
+    inv = with_activity(A100, set(first.uuids))
+    assert snap(inv, [running]).busy() == {}
+    assert {v.uuid: v.state for v in snap(inv, [running]).devices()}[first.uuids[0]] == "running"
+    # Once the holder stopped, processes still on the slice are zombies, held or not.
+    assert first.uuids[0] in snap(inv, [stopped(running, HELD)]).busy()
+
+
+def test_a_held_slice_with_zombies_is_not_preempted_onto():
+    first = choose(A100, [], limits(), Request("low", mig_profile="3g.40gb"))
+    held = stopped(holding(first, "low", priority=0), HELD)
+    clean = choose(A100, [held], limits(priority=5), Request("high", mig_profile="3g.40gb"))
+    assert isinstance(clean, Choice) and clean.preempts == (held.container_id,)
+    inv = with_activity(A100, set(first.uuids))
+    refusal = choose(inv, [held], limits(priority=5), Request("high", mig_profile="3g.40gb"))
+    assert isinstance(refusal, Refusal) and refusal.code == allocator.FULL
+    assert "1 of them busy with processes or memory no running server owns" in refusal.message
+
+
+def test_busy_whole_gpus_are_not_chosen():
+    whole = [g for g in A100.gpus if not g.mig_enabled]
+    inv = with_activity(A100, {whole[0].uuid})
+    one = choose(inv, [], limits(), Request("ann", gpus=1))
+    assert isinstance(one, Choice) and one.uuids == (whole[1].uuid,)
+    two = choose(inv, [], limits(), Request("ann", gpus=2))
+    assert isinstance(two, Refusal) and "1 of them busy" in two.message
+
+
+def test_doctor_fails_on_a_busy_device_naming_the_pids():
+    zombie = first_1g(A100)
+    check = health.busy_check(snap(with_activity(A100, {zombie.uuid})))
+    assert check.status == health.FAIL
+    assert zombie.uuid in check.message and "pids: 4242" in check.message
+    assert health.busy_check(snap(A100)).status == health.OK
+
+
+def test_the_servers_whose_devices_run_processes_are_the_active_ones():
+    """Activity for the Hub: this hub's running servers with a compute process on a device
+    they hold; not a stopped one, not another hub's, not one whose device is idle."""
+    from gpuspawner.admin.activity import active_servers
+
+    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    ann = holding(one, "ann")
+    two = choose(A100, [ann], limits(), Request("bo", mig_profile="1g.10gb"))
+    bo = holding(two, "bo", server="train")
+    three = choose(A100, [ann, bo], limits(), Request("cy", mig_profile="1g.10gb"))
+    cy = replace(holding(three, "cy"), hub="another-hub")
+    four = choose(A100, [ann, bo, cy], limits(), Request("di", mig_profile="1g.10gb"))
+    di = holding(four, "di")  # holds an idle slice
+    busy = set(one.uuids) | set(two.uuids) | set(three.uuids)
+    inv = with_activity(A100, busy)
+    world = [ann, bo, cy, di]
+    assert active_servers(replace(snap(inv, world), hub_id=ann.hub)) == {
+        "ann": {""}, "bo": {"train"}}
+    later = [stopped(ann, HELD), bo, cy, di]
+    assert active_servers(replace(snap(inv, later), hub_id=ann.hub)) == {"bo": {"train"}}
