@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -64,6 +64,9 @@ GPU_DISAGREE = "gpu.disagree"
 #: A device no running container holds has compute processes or memory in use
 #: (``Snapshot.busy``): never given out; written once per device by the admin service.
 GPU_BUSY = "gpu.busy"
+#: A GPU server stopped by the admin service after ``gpu_idle_timeout`` without a compute
+#: process on its devices; its user's next spawn page says so.
+GPU_IDLE_STOP = "gpu.idle-stop"
 PORT_ALLOCATE = "port.allocate"
 PORT_TAKEN = "port.taken"  # Docker refused to bind a host port: chosen again without it
 CONTAINER_CREATE = "container.create"
@@ -573,3 +576,18 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return entry if isinstance(entry, dict) else None
+
+
+def idle_stopped(entries: Iterable[Mapping[str, Any]], user: str,
+                 server: str) -> Mapping[str, Any] | None:
+    """The ``gpu.idle-stop`` of this server since its last start (``entries`` oldest first),
+    or None: what its next spawn page tells the user."""
+    found = None
+    for entry in entries:
+        if entry.get("user") != user or (entry.get("server") or "") != server:
+            continue
+        if entry.get("event") == GPU_IDLE_STOP:
+            found = entry
+        elif entry.get("event") == CONTAINER_START:
+            found = None
+    return found

@@ -50,6 +50,7 @@ LIMIT_KEYS: tuple[str, ...] = (
     "priority",
     "gpu_hold_after_stop",
     "max_servers",
+    "gpu_idle_timeout",
 )
 #: DS01 spelling of ``max_gpu_equivalents``; accepted so existing files load unchanged.
 ALIASES: dict[str, str] = {"max_mig_instances": "max_gpu_equivalents"}
@@ -166,6 +167,9 @@ class Limits(JSONRecord):
     priority: int = 0
     gpu_hold_after_stop: float = 0.0
     max_servers: int | None = None
+    #: Seconds a GPU server may run no compute process on its devices before the admin
+    #: service stops it (``admin/activity.py``); None: never.
+    gpu_idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         # Tests and config code build Limits by hand with lists; keep the record hashable.
@@ -305,7 +309,8 @@ def _settings_json(settings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
 
 def _most_generous(key: str, values: list[Any]) -> Any:
     """The most generous of several groups' values for ``key`` (None = unlimited wins)."""
-    if key in ("max_gpu_equivalents", "max_gpu_slots_per_container", "max_servers"):
+    if key in ("max_gpu_equivalents", "max_gpu_slots_per_container", "max_servers",
+               "gpu_idle_timeout"):
         return None if any(v is None for v in values) else max(values)
     if key == "allow_full_gpu":
         return any(values)
@@ -571,7 +576,9 @@ class _Parser:
                 raise self.error(node, path, f"{path} must be a whole number, not "
                                  f"{_describe(raw)}; write e.g. 'priority: 10'")
             return raw
-        if key == "gpu_hold_after_stop":
+        if key == "gpu_idle_timeout" and raw is None:
+            return None  # never stopped for want of GPU work
+        if key in ("gpu_hold_after_stop", "gpu_idle_timeout"):
             try:
                 return parse_duration(raw)
             except ValueError:

@@ -30,7 +30,7 @@ from .allocator import Refusal
 from .errors import docker_down, refuse, refused
 from .events import EventLog
 from .ledger import Ledger, LedgerError
-from .policy import Policy, PolicyError, PolicyFile
+from .policy import Policy, PolicyError, PolicyFile, format_duration
 from .profiles import (
     DEFAULT,
     IMAGE_OPTION,
@@ -522,6 +522,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     async def _start(self):
         chosen = await self.resolve_options()
         profile = chosen.profile
+        await self._say_why_stopped()
         await self._await_host(profile)
         self._apply_overrides(chosen.overrides)
         # The slug in user_options is what JupyterHub's admin panel shows for the server.
@@ -590,6 +591,23 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         ip, port = await self.get_ip_and_port()
         self._progress(90, "Server started; waiting for Jupyter to answer")
         return ip, port
+
+    async def _say_why_stopped(self) -> None:
+        """When the admin service stopped this server for want of GPU work
+        (``gpu_idle_timeout``), the spawn page says so first."""
+        if not self.events_file:
+            return
+        try:
+            entries = await self._run(lambda: list(events.tail(self.events_file, 500)))
+        except OSError:
+            return
+        stop = events.idle_stopped(entries, self.user.name, self.name)
+        if stop is not None:
+            self._progress(2, (
+                f"Your server was stopped at {str(stop.get('time', ''))[:16].replace('T', ' ')} "
+                f"UTC after {format_duration(float(stop.get('idle') or 0))} without GPU work "
+                f"(the limit is {format_duration(float(stop.get('timeout') or 0))}); "
+                "your files are kept."))
 
     async def _check_cuda(self, profile: Profile, image: str) -> None:
         """Refuse at once an image whose ``NVIDIA_REQUIRE_*`` this driver does not meet: the

@@ -8,6 +8,10 @@ culler stops it. The admin service already reads NVML and Docker; every
 ``activity_interval`` it tells the Hub that such servers are active
 (``POST /hub/api/users/{name}/activity``, scope ``users:activity``).
 
+With ``gpu_idle_timeout`` in the policy (off by default), the same round stops a GPU server
+whose devices have run no compute process for that long, through the Hub API: its hold then
+starts as after any stop, and its user's next spawn page says why.
+
 Which servers: this hub's running containers holding a device on which NVML lists a compute
 process. A MIG device or a whole GPU is seen only by the containers that hold it, so a
 process on it is that server's work (no pid-to-container mapping is needed for this).
@@ -16,9 +20,11 @@ process on it is that server's work (no pid-to-container mapping is needed for t
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from ..allocator import Taken
-from ..records import RUNNING
+from ..records import RUNNING, Allocation, JSONRecord
 from ..snapshot import Snapshot
 
 
@@ -36,3 +42,46 @@ def active_servers(snap: Snapshot) -> dict[str, set[str]]:
         if any(devices[uuid].processes for uuid in held if uuid in devices):
             found[allocation.user].add(allocation.server)
     return dict(found)
+
+
+@dataclass(frozen=True)
+class IdleStop(JSONRecord):
+    """A GPU server to stop: its devices have run no compute process for ``idle`` seconds,
+    more than its user's ``gpu_idle_timeout``."""
+
+    user: str
+    server: str
+    container_id: str
+    container: str
+    idle: float
+    timeout: float
+
+
+def idle_stops(
+    snap: Snapshot,
+    last_work: dict[str, float],
+    now: float,
+    groups: Mapping[str, Iterable[str]],
+) -> list[IdleStop]:
+    """Update ``last_work`` (container id -> when its devices last ran a compute process,
+    on any clock; a container first seen counts from ``now``, so a restarted service never
+    stops anything early) and say which servers idled past their ``gpu_idle_timeout``
+    (policy, per user and hub ``groups``; None: never). Only this hub's running containers
+    holding a device; entries of containers gone are dropped."""
+    active = active_servers(snap)
+    running: dict[str, Allocation] = {
+        a.container_id: a for a in snap.allocations
+        if a.state == RUNNING and a.user and a.is_ours(snap.hub_id)
+        and Taken(snap.inventory, [a]).by_uuid}
+    for cid in set(last_work) - set(running):
+        del last_work[cid]
+    found = []
+    for cid, a in sorted(running.items()):
+        user = a.user or ""
+        if a.server in active.get(user, set()) or cid not in last_work:
+            last_work[cid] = now
+        timeout = snap.limits_for(user, groups.get(user, ())).gpu_idle_timeout
+        idle = now - last_work[cid]
+        if timeout is not None and idle > timeout:
+            found.append(IdleStop(user, a.server, cid, a.container_name, idle, timeout))
+    return found

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ class Admin:
         self.registry = metrics.registry(self.take, settings.events)
         #: The GPU activity reporter's task (``report_activity_forever``), when running.
         self.reporter: asyncio.Future[None] | None = None
+        #: Container id -> when its devices last ran a compute process (``time.monotonic``).
+        self._last_work: dict[str, float] = {}
         #: Follows Docker's events (``start_docker_events``); None until started.
         self.docker_events: DockerEvents | None = None
         #: What was logged and still present at the last look, per kind of problem:
@@ -133,7 +136,26 @@ class Admin:
         when = datetime.now(timezone.utc)
         for user, servers in sorted(active.items()):
             await self.hub.report_activity(user, sorted(servers), when)
+        users = await self.hub_users()
+        groups = {name: u.groups for name, u in users.items()}
+        for stop in activity.idle_stops(snap, self._last_work, time.monotonic(), groups):
+            await self.stop_idle(stop)
         return active
+
+    async def stop_idle(self, stop: activity.IdleStop) -> None:
+        """Stop a server that idled past its ``gpu_idle_timeout``, through the Hub (which
+        stops the container as on any stop), and say so in the log for its next spawn."""
+        code, message = await self.hub.stop_server(stop.user, stop.server)
+        if code >= 400:
+            log.warning("stopping idle GPU server %s/%s failed: %s %s", stop.user,
+                        stop.server, code, message)
+            return
+        self._last_work.pop(stop.container_id, None)
+        self.event_log.write(events.GPU_IDLE_STOP, user=stop.user, server=stop.server,
+                             container=stop.container, idle=round(stop.idle),
+                             timeout=round(stop.timeout), via="admin-service")
+        log.info("stopped %s/%s: no GPU work for %.0f s (gpu_idle_timeout %.0f s)",
+                 stop.user, stop.server, stop.idle, stop.timeout)
 
     async def report_activity_forever(self) -> None:
         """``report_activity`` every ``activity_interval`` seconds; a failure is logged and

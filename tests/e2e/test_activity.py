@@ -121,3 +121,33 @@ def test_a_server_computing_on_its_slice_is_active_with_the_browser_closed(
         assert time.monotonic() < deadline, "ann's last_activity never advanced"
         time.sleep(1)
     assert _last_activity(hub, "bo") == before["bo"]
+
+
+def test_a_gpu_server_idle_past_its_limit_is_stopped_and_told_why(
+    make_hub: MakeHub, engine: Any, gpusim: Any, tmp_path: Any,
+) -> None:
+    """``gpu_idle_timeout: 6s`` in the policy: a GPU server whose slice runs nothing is
+    stopped through the Hub, with ``gpu.idle-stop`` in the log and a line on its next spawn
+    page; a server computing on its slice, and a CPU server, are left alone."""
+    from .test_admin import policy
+
+    tokens = Tokens()
+    hub = make_hub(
+        config_extra=policy(tmp_path, "defaults: {gpu_idle_timeout: 6s}\n")
+        + admin_config(tokens),
+        env_extra={"GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL": "1s"})
+    hub.spawn("ann", "mig-1g")
+    hub.spawn("bo", "mig-1g")
+    hub.spawn("cy", "cpu")
+    [bo] = engine.client.containers.list(filters={"label": "ds01.user=bo"})
+    gpusim.start_process(bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"][0], 4000)
+    deadline = time.monotonic() + 60
+    while hub.server_model("ann") is not None:
+        assert time.monotonic() < deadline, "ann's idle GPU server was never stopped"
+        time.sleep(1)
+    assert hub.server_model("bo") is not None and hub.server_model("cy") is not None
+    [stop] = [e for e in hub.events() if e["event"] == "gpu.idle-stop"]
+    assert (stop["user"], stop["server"], stop["timeout"]) == ("ann", "", 6)
+    assert stop["idle"] >= 6
+    hub.spawn("ann", "mig-1g")
+    assert any("without GPU work" in m for m in hub.last_progress), hub.last_progress

@@ -124,3 +124,43 @@ def test_the_servers_whose_devices_run_processes_are_the_active_ones():
         "ann": {""}, "bo": {"train"}}
     later = [stopped(ann, HELD), bo, cy, di]
     assert active_servers(replace(snap(inv, later), hub_id=ann.hub)) == {"bo": {"train"}}
+
+
+def test_idle_stops_count_from_the_last_gpu_work_and_follow_the_policy():
+    """``gpu_idle_timeout`` from the policy (per group); a server computing restarts the
+    clock; one first seen starts counting then; a container gone is forgotten."""
+    from gpuspawner.admin.activity import idle_stops
+    from gpuspawner.policy import parse_policy
+
+    policy = parse_policy("defaults: {gpu_idle_timeout: 1h}\n"
+                          "groups: {thesis: {gpu_idle_timeout: null}}\n", "p.yaml")
+    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    ann = holding(one, "ann")
+    two = choose(A100, [ann], limits(), Request("bo", mig_profile="1g.10gb"))
+    bo = holding(two, "bo")
+    world = replace(snap(A100, [ann, bo]), policy=policy, hub_id=ann.hub)
+    last: dict[str, float] = {}
+    groups = {"bo": ["thesis"]}
+    assert idle_stops(world, last, 0.0, groups) == []  # first seen: counting starts
+    assert idle_stops(world, last, 3600.0, groups) == []  # exactly the limit: not past it
+    computing = replace(world, inventory=with_activity(A100, set(one.uuids)))
+    assert idle_stops(computing, last, 3000.0, groups) == []  # ann works: clock restarts
+    [stop] = idle_stops(world, last, 6601.0, groups)
+    assert (stop.user, stop.server, stop.container_id) == ("ann", "", ann.container_id)
+    assert (stop.idle, stop.timeout) == (3601.0, 3600.0)  # bo's group: never
+    gone = replace(world, allocations=(bo,))
+    assert idle_stops(gone, last, 9000.0, groups) == [] and ann.container_id not in last
+
+
+def test_the_next_spawn_page_says_why_the_server_was_stopped():
+    from gpuspawner import events
+
+    log = [
+        {"event": "container.start", "user": "ann", "server": ""},
+        {"event": "gpu.idle-stop", "user": "ann", "server": "", "idle": 3700, "timeout": 3600},
+        {"event": "gpu.idle-stop", "user": "ann", "server": "x", "idle": 1, "timeout": 1},
+    ]
+    assert events.idle_stopped(log, "ann", "")["idle"] == 3700
+    assert events.idle_stopped(log, "bo", "") is None
+    again = [*log, {"event": "container.start", "user": "ann", "server": ""}]
+    assert events.idle_stopped(again, "ann", "") is None  # told once: it started since

@@ -375,7 +375,8 @@ def test_to_json_round_trips_through_json():
         "user": "alice",
         "limits": {"max_gpu_equivalents": 4.0, "max_gpu_slots_per_container": 1,
                    "allow_full_gpu": True, "allowed_profiles": ["cpu", "mig-*"],
-                   "priority": 50, "gpu_hold_after_stop": 1800.0, "max_servers": 2},
+                   "priority": 50, "gpu_hold_after_stop": 1800.0, "max_servers": 2,
+                   "gpu_idle_timeout": None},
         "groups": ["staff"],
         "sources": ["defaults", "group staff"],
     }
@@ -391,8 +392,9 @@ def test_records_are_frozen():
 
 # --------------------------------------------------------------------------- errors
 
-KNOWN = ("allow_full_gpu, allowed_profiles, gpu_hold_after_stop, max_gpu_equivalents, "
-         "max_gpu_slots_per_container, max_mig_instances, max_servers, priority")
+KNOWN = ("allow_full_gpu, allowed_profiles, gpu_hold_after_stop, gpu_idle_timeout, "
+         "max_gpu_equivalents, max_gpu_slots_per_container, max_mig_instances, max_servers, "
+         "priority")
 
 ERRORS = [
     # (text, line, key, fragment of the message)
@@ -690,6 +692,7 @@ VALUES = {
     "priority": st.integers(-100, 100),
     "gpu_hold_after_stop": HOLD,
     "max_servers": COUNT,
+    "gpu_idle_timeout": st.one_of(st.none(), HOLD),  # null: never stopped for idling
 }
 
 
@@ -710,6 +713,9 @@ def raising(draw, base: Limits) -> dict:
             more = st.integers(0, 3) if whole else st.floats(0, 3, allow_nan=False)
             out[key] = None if current is None else draw(
                 st.one_of(st.none(), more.map(lambda d, c=current: c + d)))
+        elif key == "gpu_idle_timeout":  # longer is more generous; null (never) the most
+            out[key] = None if current is None else draw(
+                st.one_of(st.none(), st.integers(0, 10**4).map(lambda d, c=current: c + d)))
         elif key == "allow_full_gpu":
             out[key] = True if current else draw(st.booleans())
         elif key == "allowed_profiles":
@@ -723,7 +729,8 @@ def raising(draw, base: Limits) -> dict:
 
 
 def more_or_equally_generous(key: str, got, base) -> bool:
-    if key in ("max_gpu_equivalents", "max_gpu_slots_per_container", "max_servers"):
+    if key in ("max_gpu_equivalents", "max_gpu_slots_per_container", "max_servers",
+               "gpu_idle_timeout"):
         return got is None or (base is not None and got >= base)
     if key == "allow_full_gpu":
         return got or not base
@@ -813,3 +820,18 @@ def test_a_group_that_only_raises_never_lowers_anything(drawn, via_hub):
         assert more_or_equally_generous(key, getattr(both, key), getattr(limits, key)), key
         assert more_or_equally_generous(key, getattr(both, key),
                                         getattr(policy.defaults, key)), key
+
+
+def test_gpu_idle_timeout_is_off_by_default_and_the_most_generous_group_wins():
+    policy = parse("""
+defaults: {gpu_idle_timeout: 2h}
+groups:
+  short: {members: [ann, bo], gpu_idle_timeout: 30m}
+  long: {members: [bo, cy], gpu_idle_timeout: null}
+""")
+    assert Limits().gpu_idle_timeout is None
+    assert policy.for_user("ann").limits.gpu_idle_timeout == 1800.0
+    assert policy.for_user("bo").limits.gpu_idle_timeout is None  # null: never
+    assert policy.for_user("di").limits.gpu_idle_timeout == 7200.0
+    with pytest.raises(PolicyError, match="gpu_idle_timeout is not a duration"):
+        parse("defaults: {gpu_idle_timeout: soon}")
