@@ -135,11 +135,15 @@ def test_gpus(gpuspawner: Run, engine: Any, gpusim: Any, base_image: str):
     code, out, _ = gpuspawner("gpus")
     assert code == 0
     rows = out.splitlines()
-    assert rows[0].split() == ["slot", "kind", "profile", "uuid", "state", "holder"]
+    assert rows[0].split() == ["slot", "kind", "profile", "uuid", "state", "memory",
+                               "processes", "holder"]
     assert len(rows) == 2 + 4 + 13  # header, rule, 4 GPUs and 13 MIG devices
     mine = next(r for r in rows if choice.uuids[0] in r)
-    assert mine.split()[0] == choice.slots[0] and mine.split()[-2:] == ["running", "ann"]
-    assert next(r for r in rows if GPU3 in r).split()[-2:] == ["unmanaged", "outside"]
+    # A topology file says nothing of activity: "n/a", never a made-up 0.
+    assert mine.split()[0] == choice.slots[0]
+    assert mine.split()[-4:] == ["running", "n/a", "n/a", "ann"]
+    assert next(r for r in rows if GPU3 in r).split()[-4:] == [
+        "unmanaged", "n/a", "n/a", "outside"]
     code, out, _ = gpuspawner("gpus", "--json")
     devices = {d["uuid"]: d for d in json.loads(out)}
     assert code == 0 and len(devices) == 17
@@ -149,6 +153,27 @@ def test_gpus(gpuspawner: Run, engine: Any, gpusim: Any, base_image: str):
     assert devices[choice.parent_uuids[0]]["state"] == "mig-parent"  # not whole any more
     assert devices[GPU3]["holders"] == [outside] and devices[GPU3]["state"] == "unmanaged"
     assert sum(d["state"] == "free" for d in devices.values()) == 17 - 3
+
+
+def test_gpus_shows_memory_and_processes_as_nvml_reports_them(
+    engine: Any, gpusim: Any, base_image: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Through NVML: memory in use of total and the compute processes of each device; a
+    zombie on a slice no container holds shows as busy."""
+    monkeypatch.setattr(inventory, "_load_nvml", lambda: gpusim.nvml())
+    state = gpusim.state()
+    slice_ = state["gpus"][0]["mig_devices"][1]
+    gpusim.start_process(slice_["uuid"], 3072)
+    gpusim.start_process(slice_["uuid"], 1024)
+    argv = ["--docker-host", engine.base_url, "--inventory", "nvml", "gpus"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if slice_["uuid"] in r)
+    assert row.split()[-4:] == ["busy", "4.0/9.5", "GiB", "2"], row
+    assert cli.main([*argv, "--json"]) == 0
+    seen = {d["uuid"]: d for d in json.loads(capsys.readouterr().out)}[slice_["uuid"]]
+    assert seen["memory_used_mib"] == 4096 and len(seen["processes"]) == 2
 
 
 def test_allocations(gpuspawner: Run, engine: Any, gpusim: Any, base_image: str):
@@ -263,7 +288,7 @@ def test_doctor_on_a_healthy_host(gpuspawner: Run, engine: Any, gpusim: Any, bas
     checks = {c["name"]: c for c in json.loads(out)}
     assert code == 0
     assert list(checks) == ["docker", "nvidia-runtime", "nvml", "mig-pending", "missing-uuids",
-                            "unmanaged", "conflicts", "ports"]
+                            "unmanaged", "conflicts", "busy", "ports"]
     assert {c["status"] for c in checks.values()} == {"ok"}
     # The label's promised ssh port is reserved in the range while ann holds her slot.
     assert checks["ports"]["message"] == "99 of 100 ports free in 40000-40099"
