@@ -383,3 +383,36 @@ def test_a_gpu_nvml_fails_on_is_shown_unavailable_with_the_reason():
         assert "unavailable: GPU is lost <nvml>" in blocks[mig.uuid]["title"]
     assert blocks[inv.gpus[1].uuid]["data-state"] == "free"
     assert "GPU is lost &lt;nvml&gt;" in text and "GPU is lost <nvml>" not in text
+
+
+def test_a_busy_slice_and_a_slice_at_work_show_what_runs_on_them(snap):
+    """Activity as the server renders it (escaped): a zombie slice is ``busy`` with the
+    words and the pids in its tooltip; a held slice at work shows its memory bar and
+    process count; a device NVML says nothing of shows neither."""
+    from gpuspawner.records import GpuProcess
+
+    running = next(a for a in snap.allocations if a.state == RUNNING and a.uuids
+                   and a.uuids[0].startswith("MIG-"))
+    taken = {u for a in snap.allocations for u in a.uuids}
+    idle = next(m for m in snap.inventory.migs if m.uuid not in taken)
+    work = {running.uuids[0]: (GpuProcess(31337, 6000),), idle.uuid: (GpuProcess(666, 2048),)}
+    inv = replace(snap.inventory, migs=tuple(
+        replace(m, processes=work[m.uuid], memory_used_mib=sum(p.used_mib for p in work[m.uuid]))
+        if m.uuid in work else m for m in snap.inventory.migs))
+    text = Renderer().overview(page(), replace(snap, inventory=inv), "lab")
+    parsed = Slices()
+    parsed.feed(text)
+    blocks = by_uuid(parsed)
+    assert blocks[idle.uuid]["data-state"] == "busy"
+    assert "pid 666: 2048 MiB" in blocks[idle.uuid]["title"]
+    assert "busy: 1 process, 2.0 GiB in use, no running container holds it" in (
+        blocks[idle.uuid]["title"])
+    assert blocks[running.uuids[0]]["data-state"] == "running"
+    at_work = re.search(
+        rf'data-uuid="{running.uuids[0]}".*?</button>', text, re.S).group(0)  # type: ignore
+    memory = next(m for m in inv.migs if m.uuid == running.uuids[0]).memory_mib
+    assert f'class="mem-bar" style="width: {round(100 * 6000 / memory)}%"' in at_work
+    assert f"5.9/{memory / 1024:.1f} GiB · 1 process" in at_work
+    quiet = re.search(
+        rf'data-uuid="{snap.inventory.gpus[48].uuid}".*?</button>', text, re.S).group(0)  # type: ignore
+    assert "mem-bar" not in quiet and "activity" not in quiet
