@@ -100,27 +100,40 @@ def _last_activity(hub: Any, user: str, server: str = "") -> str:
     return str(model["last_activity"])
 
 
-def test_a_server_computing_on_its_slice_is_active_with_the_browser_closed(
+#: A real jupyterhub-idle-culler as a Hub-managed service, with a short timeout.
+CULLER = """
+import sys
+c.JupyterHub.services.append({"name": "idle-culler", "command": [
+    sys.executable, "-m", "jupyterhub_idle_culler", "--timeout=12", "--cull-every=2"]})
+c.JupyterHub.load_roles.append({"name": "idle-culler", "services": ["idle-culler"],
+    "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]})
+"""
+
+
+def test_a_server_computing_on_its_slice_is_not_culled_with_the_browser_closed(
     make_hub: MakeHub, engine: Any, gpusim: Any,
 ) -> None:
     """No browser, no HTTP traffic: only a compute process on ann's slice. The admin service
-    reports it, so the Hub's ``last_activity`` of ann's server advances (what
-    jupyterhub-idle-culler reads); bo's server, on an idle slice, stays where it was."""
+    reports it, so the Hub's ``last_activity`` of ann's server advances, and
+    jupyterhub-idle-culler (real, 12 s timeout) culls bo's idle GPU server and not ann's."""
     tokens = Tokens()
-    hub = make_hub(config_extra=admin_config(tokens),
+    hub = make_hub(config_extra=admin_config(tokens) + CULLER,
                    env_extra={"GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL": "2s"})
     hub.spawn("ann", "mig-1g")
-    hub.spawn("bo", "mig-1g")
     [ann] = engine.client.containers.list(filters={"label": "ds01.user=ann"})
     [slice_uuid] = ann.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
-    time.sleep(4)  # past the servers' own first reports
-    before = {user: _last_activity(hub, user) for user in ("ann", "bo")}
     gpusim.start_process(slice_uuid, 6000)  # a training run in ann's terminal
-    deadline = time.monotonic() + 30
-    while _last_activity(hub, "ann") <= before["ann"]:
-        assert time.monotonic() < deadline, "ann's last_activity never advanced"
+    hub.spawn("bo", "mig-1g")
+    before = _last_activity(hub, "ann")
+    deadline = time.monotonic() + 90
+    while hub.server_model("bo") is not None:  # the culler works: bo idles out
+        assert time.monotonic() < deadline, "the culler never stopped bo's idle server"
         time.sleep(1)
-    assert _last_activity(hub, "bo") == before["bo"]
+    assert hub.server_model("ann") is not None, "ann's server computing was culled"
+    assert _last_activity(hub, "ann") > before
+    nvidia_smi = ann.exec_run(["nvidia-smi", "-L"])
+    lines = nvidia_smi.output.decode().splitlines()
+    assert nvidia_smi.exit_code == 0 and len(lines) == 2 and slice_uuid in lines[1], lines
 
 
 def test_a_gpu_server_idle_past_its_limit_is_stopped_and_told_why(
