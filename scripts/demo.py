@@ -22,7 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.engine import EnginePaths, PrivateEngine, end_process, terminate  # noqa: E402
+from tests.engine import (  # noqa: E402
+    EnginePaths,
+    PrivateEngine,
+    alive,
+    end_process,
+    terminate,
+)
 from tests.gpusim import FAKE_DIR, Simulator  # noqa: E402
 from tests.images import ensure_singleuser_image  # noqa: E402
 
@@ -42,6 +48,101 @@ groups:
     allow_full_gpu: true
     priority: 10
 """
+
+
+def say(text: str = "") -> None:
+    """Print, even when the output pipe is gone (``demo.sh | tee demo.log`` and Ctrl-C ends
+    ``tee`` first): the demo must still stop everything it started."""
+    try:
+        print(text, flush=True)
+    except (BrokenPipeError, OSError):
+        try:  # from now on, write nowhere instead of failing on every line
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+
+
+def cli_environment(engine: PrivateEngine, work: Path) -> dict[str, str]:
+    """What the ``gpuspawner`` command needs to see the demo's engine and simulated host."""
+    return {
+        "DOCKER_HOST": engine.base_url,
+        "GPUSIM_STATE": str(engine.state_path),
+        "PYTHONPATH": str(FAKE_DIR),
+        "GPUSPAWNER_INVENTORY": "nvml",
+        "GPUSPAWNER_POLICY": str(work / "policy.yaml"),
+        "GPUSPAWNER_EVENTS": str(work / "events.jsonl"),
+    }
+
+
+def training(argv: list[str]) -> int:
+    """``demo.py train USER [--mib N]`` / ``demo.py stop-training USER``: a simulated training
+    process on the devices of USER's running server (or its end), so the admin page, NVML
+    and ``nvidia-smi`` show it; as the demo's own engine and host see it."""
+    parser = argparse.ArgumentParser(prog="demo.py train|stop-training")
+    parser.add_argument("action", choices=["train", "stop-training"])
+    parser.add_argument("user")
+    parser.add_argument("--mib", type=int, default=6000, help="GPU memory it uses")
+    args = parser.parse_args(argv)
+    engine = PrivateEngine(EnginePaths.from_env({"GPUSPAWNER_TEST_ROOT": str(DEMO_ROOT)}))
+    sim = Simulator(engine.state_path, engine.hook_log)
+    try:
+        found = engine.client.containers.list(filters={"label": f"ds01.user={args.user}"})
+    except Exception as exc:
+        print(f"demo: the demo's engine does not answer ({exc}); is the demo running?")
+        return 3
+    devices = [d for c in found for r in c.attrs["HostConfig"].get("DeviceRequests") or []
+               for d in r.get("DeviceIDs") or []]
+    if not devices:
+        print(f"demo: {args.user} has no running GPU server; start one with a GPU profile")
+        return 1
+    state = sim.state()
+    if args.action == "train":
+        pid = sim.start_process(devices[0], args.mib)
+        print(f"demo: training process {pid} runs on {args.user}'s {devices[0]} "
+              f"({args.mib} MiB); see the admin page, or 'nvidia-smi' in their terminal")
+        return 0
+    pids = {p["pid"] for g in state["gpus"] for d in [g, *g.get("mig_devices", [])]
+            if d["uuid"] in devices for p in d.get("processes") or []}
+    for pid in sorted(pids):
+        sim.end_process(pid)
+    print(f"demo: ended {len(pids)} training process(es) of {args.user}")
+    return 0
+
+
+def started_by_this_demo(marker: bytes) -> list[int]:
+    """Processes whose environment carries ``marker`` (a variable only the demo's hub was
+    given, so every process it started inherits it): the hub, its proxy, its services."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def sweep(marker: bytes) -> int:
+    """End whatever the demo's hub started and left running (a service, a proxy), when the
+    hub itself could not stop them: SIGTERM, then SIGKILL after 5 s."""
+    left = [pid for pid in started_by_this_demo(marker) if alive(pid)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return len(left)
 
 
 def free_port() -> int:
@@ -75,6 +176,8 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:2] in (["train"], ["stop-training"]):
+        return training(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000, help="public port (127.0.0.1)")
     parser.add_argument("--topology", default="a100x4", help="simulated host (tests/gpusim)")
@@ -84,17 +187,20 @@ def main() -> int:
     engine = PrivateEngine(EnginePaths.from_env({"GPUSPAWNER_TEST_ROOT": str(DEMO_ROOT)}))
     hub: subprocess.Popen | None = None
     stopping = False
+    #: Only the hub's environment has it: what the final sweep looks for.
+    marker = f"GPUSPAWNER_DEMO_RUN={os.getpid()}-{time.time_ns()}".encode()
 
     def stop(*_: object) -> None:
         nonlocal stopping
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)  # the terminal closed: stop as for Ctrl-C
     try:
-        print("demo: starting a private Docker engine with the simulated NVIDIA host ...")
+        say("demo: starting a private Docker engine with the simulated NVIDIA host ...")
         engine.start()
         Simulator(engine.state_path, engine.hook_log).install(args.topology)
-        print("demo: building the single-user image (offline; cached after the first run) ...")
+        say("demo: building the single-user image (offline; cached after the first run) ...")
         image = ensure_singleuser_image(engine.client)
         work = DEMO_ROOT / "hub"
         work.mkdir(parents=True, exist_ok=True)
@@ -118,6 +224,7 @@ def main() -> int:
             "GPUSPAWNER_VOLUMES": "0",
             "GPUSPAWNER_CULL_IDLE": "3600",
         })
+        env["GPUSPAWNER_DEMO_RUN"] = marker.decode().partition("=")[2]
         jupyterhub = str(Path(sys.executable).parent / "jupyterhub")
         config = str(ROOT / "jupyterhub_config.py")
         # Free ports for the hub and the proxy's API, so the demo runs beside anything else.
@@ -129,25 +236,33 @@ def main() -> int:
         )
         url = f"http://127.0.0.1:{args.port}"
         wait_for(f"{url}/hub/api/", hub)
-        print(f"\ndemo: JupyterHub with gpuspawner is up at {url}")
-        print(f"demo: users (password '{args.password}'): "
-              + ", ".join(f"{name} ({what})" for name, what in USERS.items()))
-        print(f"demo: admin page: {url}/services/gpu-allocations/ (log in as admin)")
-        print("demo: Ctrl-C stops everything\n", flush=True)
+        say(f"\ndemo: JupyterHub with gpuspawner is up at {url}")
+        say(f"demo: users (password '{args.password}'): "
+            + ", ".join(f"{name} ({what})" for name, what in USERS.items()))
+        say(f"demo: admin page: {url}/services/gpu-allocations/ (log in as admin)")
+        cli = " ".join(f"{k}={v}" for k, v in cli_environment(engine, work).items())
+        say(f"demo: the gpuspawner command on the demo's engine and simulated GPUs:\n"
+            f"  {cli} {Path(sys.executable).parent / 'gpuspawner'} gpus")
+        say(f"demo: a simulated training run on ann's slice (once her GPU server runs):\n"
+            f"  {sys.executable} scripts/demo.py train ann   (and: stop-training ann)")
+        say("demo: Ctrl-C stops everything\n")
         while not stopping and hub.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        print("\ndemo: stopping ...", flush=True)
+        say("\ndemo: stopping ...")
         terminate(hub, 60)  # the hub stops its proxy and its servers
         end_process(proxy_pid(DEMO_ROOT / "hub" / "proxy.pid"), b"configurable-http-proxy")
+        swept = sweep(marker)  # what a hub that could not finish its stop left behind
+        if swept:
+            say(f"demo: ended {swept} process(es) the hub left running")
         try:
             removed = engine.remove_containers()
             engine.stop()
-            print(f"demo: removed {removed} container(s), stopped the engine; nothing left running")
+            say(f"demo: removed {removed} container(s), stopped the engine; nothing left running")
         except Exception as exc:  # the engine never started
-            print(f"demo: {exc}")
+            say(f"demo: {exc}")
     return 0
 
 

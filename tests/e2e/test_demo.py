@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,23 +50,50 @@ def demo_processes(root: Path) -> list[str]:
     return found
 
 
+class Output:
+    """The demo's stdout through a pipe, as ``demo.sh | tee demo.log`` gives it, read by a
+    thread until ``cut()`` closes the reading end (``tee`` ended by the same Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self.text = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.read_fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(self.read_fd, 65536)
+                if not chunk:
+                    return
+                self.text += chunk.decode(errors="replace")
+
+    def cut(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        os.close(self.read_fd)
+
+
 def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["GPUSPAWNER_DEMO_ROOT"] = str(DEMO_ROOT)
-    log = (tmp_path / "demo.log").open("w")
+    out = Output()
     demo = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        stdout=out.write_fd, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
     )
+    os.close(out.write_fd)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 400
-        while "is up at" not in (tmp_path / "demo.log").read_text():
-            assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+        while "Ctrl-C stops everything" not in out.text:
+            assert demo.poll() is None, out.text[-3000:]
             assert time.monotonic() < deadline, "demo did not come up"
             time.sleep(1)
-        text = (tmp_path / "demo.log").read_text()
+        text = out.text
         assert f"{url}/services/gpu-allocations/" in text
 
         admin = requests.Session()
@@ -90,16 +119,30 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
         rows = rows.get("allocations", rows) if isinstance(rows, dict) else rows
         mine = [a for a in rows if a.get("user") == "ann"]
         assert mine and mine[0]["gpu_profile"] == "1g.10gb" and mine[0]["state"] == "running"
+
+        # The demo's training command lights up ann's slice ...
+        trained = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "train", "ann"],
+                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert trained.returncode == 0 and "training process" in trained.stdout, trained
+        slice_uuid = mine[0]["uuids"][0]
+        gpus = admin.get(f"{url}/services/gpu-allocations/api/gpus").json()
+        [seen] = [d for d in gpus if d["uuid"] == slice_uuid]
+        assert len(seen["processes"]) == 1 and seen["memory_used_mib"] == 6000, seen
+        # ... and the gpuspawner command the demo printed sees the same, on its engine.
+        line = text.split("simulated GPUs:\n", 1)[1].splitlines()[0].strip()
+        cli = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env={"PATH": os.environ["PATH"]})
+        assert cli.returncode == 0, cli.stderr
+        row = next(r for r in cli.stdout.splitlines() if slice_uuid in r)
+        assert row.split()[-5:] == ["running", "5.9/9.5", "GiB", "1", "ann"], row
     finally:
+        out.cut()  # tee is gone: every line the demo writes from now on meets a closed pipe
         demo.send_signal(signal.SIGINT)  # Ctrl-C
         try:
             demo.wait(timeout=120)
         except subprocess.TimeoutExpired:
             demo.kill()
             raise
-        log.close()
-    text = (tmp_path / "demo.log").read_text()
-    assert "nothing left running" in text, text[-2000:]
     time.sleep(1)
     assert demo_processes(DEMO_ROOT) == []
     assert not (DEMO_ROOT / "run" / "docker.sock").exists()
