@@ -9,7 +9,12 @@ Timed, each the median of ``--repeat`` runs (the page polls every 5 s, so each f
 share of that budget):
 - the snapshot a poll takes (steady-state ledger read + inventory from the topology),
 - the overview page's HTML (view model + template), the overview JSON the script polls,
-- the allocations JSON (``/api/allocations``), the users JSON, and a ``/metrics`` scrape.
+- the allocations JSON (``/api/allocations``), the users JSON, and a ``/metrics`` scrape,
+- with activity (``--activity``, on by default): every third MIG device and every whole GPU
+  runs a compute process, and one free slice in twenty is busy (a zombie); and the activity
+  sweep the service runs every minute: an NVML read of every GPU and MIG device with their
+  memory and processes (through the simulator's pynvml, tests/gpusim: Python's cost per call,
+  not a driver's), then who is active and who idled past a limit (``admin/activity.py``).
 
     .venv/bin/python benchmarks/bench_admin.py [--gpus 50] [--containers 500] [--repeat 30]
 """
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +43,7 @@ from gpuspawner.admin.render import Page, Renderer  # noqa: E402
 from gpuspawner.inventory import parse_topology  # noqa: E402
 from gpuspawner.ledger import Ledger  # noqa: E402
 from gpuspawner.policy import parse_policy  # noqa: E402
-from gpuspawner.records import Inventory  # noqa: E402
+from gpuspawner.records import GpuProcess, Inventory  # noqa: E402
 from gpuspawner.snapshot import Snapshot, take  # noqa: E402
 
 NOW = datetime.now(timezone.utc)
@@ -123,6 +131,47 @@ def engine(n: int, inventory: Inventory) -> FakeAPI:
     return FakeAPI(listing, inspects)
 
 
+def with_activity(inventory: Inventory) -> Inventory:
+    """Processes on every third MIG device and every whole GPU, zombies on one in twenty."""
+    def busy(n: int, memory: int) -> dict[str, Any]:
+        if n % 3 == 0 or n % 20 == 7:
+            return {"processes": (GpuProcess(100000 + n, memory // 2),),
+                    "memory_used_mib": memory // 2}
+        return {"memory_used_mib": 0}
+
+    return replace(
+        inventory,
+        migs=tuple(replace(m, **busy(n, m.memory_mib)) for n, m in enumerate(inventory.migs)),
+        gpus=tuple(g if g.mig_enabled else replace(g, **busy(0, g.memory_mib), utilization=90)
+                   for g in inventory.gpus))
+
+
+def sweep_figures(gpus: int, repeat: int, snap: Snapshot) -> list[tuple[str, Any, None]]:
+    """The activity sweep: NVML read through the simulator with processes on a third of the
+    MIG devices, and the pure decisions on the snapshot."""
+    from gpuspawner import inventory as inventory_mod
+    from gpuspawner.admin import activity
+    from tests import gpusim
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state.json"
+        os.environ["GPUSIM_STATE"] = str(state)
+        sim = gpusim.Simulator(state)
+        sim.install(topology(gpus))
+        for n, uuid in enumerate(sim.mig_uuids()):
+            if n % 3 == 0:
+                sim.start_process(uuid, 4000)
+        nvml = gpusim.load_fake_nvml()
+        read = median_ms(lambda: inventory_mod.read_nvml(nvml), max(3, repeat // 5))
+    last: dict[str, float] = {}
+    return [
+        ("activity: NVML read, all devices", read, None),
+        ("activity: active servers + idle", median_ms(
+            lambda: (activity.active_servers(snap), activity.idle_stops(snap, last, 0.0, {})),
+            repeat), None),
+    ]
+
+
 def median_ms(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
     """(median, max) in milliseconds."""
     runs = []
@@ -138,9 +187,12 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=50)
     parser.add_argument("--containers", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--no-activity", dest="activity", action="store_false")
     args = parser.parse_args()
 
     inventory = parse_topology(topology(args.gpus), "bench")
+    if args.activity:
+        inventory = with_activity(inventory)
     ledger = Ledger(engine(args.containers, inventory), start_timeout=120)
     policy = parse_policy("defaults: {gpu_hold_after_stop: 1h}\n")
     ledger.read(lambda user: policy.hold_seconds(user or ""))  # cold: the inspects
@@ -179,8 +231,12 @@ def main() -> None:
         ("metrics scrape (incl. snapshot)", median_ms(
             lambda: metrics.exposition(registry), args.repeat), None),
     ]
+    if args.activity:
+        figures += sweep_figures(args.gpus, args.repeat, replace(snap, hub_id="lab"))
     print(f"host: {args.gpus} GPUs, {len(inventory.migs)} MIG devices, {blocks} blocks on the "
-          f"overview; {args.containers} containers, {len(snap.allocations)} allocations")
+          f"overview; {args.containers} containers, {len(snap.allocations)} allocations; "
+          + (f"{len(snap.busy())} busy devices, activity on" if args.activity else
+             "no activity"))
     for name, (median, worst), size in figures:
         extra = f", {size / 1024:7.1f} KiB" if size else ""
         print(f"{name:<34} median {median:7.2f} ms  max {worst:7.2f} ms{extra}")

@@ -28,19 +28,23 @@ from ..records import RUNNING, Allocation, JSONRecord
 from ..snapshot import Snapshot
 
 
+def _running_ours(snap: Snapshot) -> tuple[list[Allocation], Taken]:
+    """This hub's running containers, and what they hold (Docker's word), read once."""
+    ours = [a for a in snap.allocations
+            if a.state == RUNNING and a.user and a.is_ours(snap.hub_id)]
+    return ours, Taken(snap.inventory, ours)
+
+
 def active_servers(snap: Snapshot) -> dict[str, set[str]]:
     """User -> names of their servers (``""``: the default one) that run compute processes
     on a device they hold: this hub's running containers only (another hub reports its own)."""
+    _ours, taken = _running_ours(snap)
     devices = snap.inventory.by_uuid()
     found: dict[str, set[str]] = defaultdict(set)
-    for allocation in snap.allocations:
-        if allocation.state != RUNNING or not allocation.user:
-            continue
-        if not allocation.is_ours(snap.hub_id):
-            continue
-        held = Taken(snap.inventory, [allocation]).by_uuid  # what it holds, Docker's word
-        if any(devices[uuid].processes for uuid in held if uuid in devices):
-            found[allocation.user].add(allocation.server)
+    for uuid, holders in taken.by_uuid.items():
+        if devices[uuid].processes:
+            for allocation in holders:
+                found[allocation.user or ""].add(allocation.server)
     return dict(found)
 
 
@@ -69,10 +73,9 @@ def idle_stops(
     (policy, per user and hub ``groups``; None: never). Only this hub's running containers
     holding a device; entries of containers gone are dropped."""
     active = active_servers(snap)
+    _ours, taken = _running_ours(snap)
     running: dict[str, Allocation] = {
-        a.container_id: a for a in snap.allocations
-        if a.state == RUNNING and a.user and a.is_ours(snap.hub_id)
-        and Taken(snap.inventory, [a]).by_uuid}
+        a.container_id: a for holders in taken.by_uuid.values() for a in holders}
     for cid in set(last_work) - set(running):
         del last_work[cid]
     found = []
