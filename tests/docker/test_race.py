@@ -128,3 +128,31 @@ async def test_a_stopped_container_races_through_a_place_holder_before_its_start
     assert place["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [mig.uuid]
     await again._release_place()
     assert not api.containers(all=True, filters={"name": "jupyter-ann-starting"})
+
+
+async def test_a_rival_gone_before_its_inspect_makes_the_check_read_again(
+    engine, gpusim, base_image, monkeypatch
+):
+    """A place-holder listed by a check and removed before the check inspects it went
+    because its container now runs: the check reads again and sees that container, instead
+    of taking the missing rival for one that gave way."""
+    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
+    api = engine.client.api
+    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
+    old = claim(engine, base_image, "ann", mig)
+    api.start(old)
+    api.stop(old, timeout=0)
+    again = reuser(gpusim, engine, "ann", old, mig)
+    assert await again._race(running=False) == ()  # its place-holder stands
+    new = claim(engine, base_image, "bo", mig)
+    checker = spawner_for(gpusim, "bo", new, mig)
+    clock = checker._clock
+
+    async def late_clock(container_id: str):
+        if container_id == again._place:  # meanwhile: ann's container starts, its
+            api.start(old)  # place-holder goes, exactly in this order
+            await again._release_place()
+        return await clock(container_id)
+
+    checker._clock = late_clock  # type: ignore[method-assign]
+    assert await checker._race(running=False) == (mig.uuid,)
