@@ -542,6 +542,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             for _attempt in range(8):
                 self.image = image
                 self._unmark_starting()
+                await self._release_place()  # after a port taken at the start, say
                 async with self._lock():
                     snap = spawnplan.with_starting(
                         await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),
