@@ -421,7 +421,9 @@ class Ledger:
         state = classify(
             status,
             managed=record.managed,
-            created_at=allocation.created_at,
+            # Docker's own time: a place-holder carries its container's labels, and with
+            # them a creation time long past.
+            created_at=datetime.fromtimestamp(entry.get("Created") or 0, timezone.utc),
             finished_at=finished,
             hold_seconds=hold_for(record.user) if record.managed else 0.0,
             start_timeout=self.start_timeout,

@@ -544,6 +544,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             for _attempt in range(8):
                 self.image = image
                 self._unmark_starting()
+                await self._release_place()  # after a port taken at the start, say
                 async with self._lock():
                     snap = spawnplan.with_starting(
                         await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),
@@ -771,12 +772,18 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         racer = self.object_id
         if plan.action == spawnplan.REUSE and not running:
             racer = await self._hold_place()
-        snap = await self.snapshot(live_only=True)  # rivals run or start: nothing stopped
-        mine = next((a for a in snap.allocations if a.container_id == racer), None)
-        if mine is None:
-            return ()
-        clocks = {a.container_id: await self._clock(a.container_id)
-                  for a in (mine, *spawnplan.rivals(mine, snap))}
+        for _read in range(5):
+            snap = await self.snapshot(live_only=True)  # rivals run or start: none stopped
+            mine = next((a for a in snap.allocations if a.container_id == racer), None)
+            if mine is None:
+                return ()
+            clocks = {a.container_id: await self._clock(a.container_id)
+                      for a in (mine, *spawnplan.rivals(mine, snap))}
+            if spawnplan.NEVER not in clocks.values():
+                break
+            # A rival went away between the list and its inspect: it backed off, or it was a
+            # place-holder whose container now runs (started before it went). Read again:
+            # that container shows in the next list.
         return spawnplan.race_loser(mine, snap, clocks, running)
 
     #: The place-holder of the stopped container this spawn starts again, while it exists.

@@ -146,6 +146,23 @@ def test_created_but_never_started(engine, gpusim, base_image):
     assert ledger.read(now=late).allocations[0].state == FAILED
 
 
+def test_a_container_created_now_with_old_labels_is_a_spawn_in_flight(
+    engine, gpusim, base_image
+):
+    """A place-holder carries its container's labels, creation time included (days ago):
+    whether a created container is a spawn in flight is Docker's Created, never the label."""
+    inv = inventory.read("file", topology_file=gpusim.state_path)
+    choice = choose(inv, [], limits(), Request("cy", mig_profile="2g.20gb"))
+    labelset = labels.encode(
+        hub="t", user="cy", server="", profile="p",
+        created_at=datetime.now(timezone.utc) - timedelta(days=3),
+        slots=choice.slots, uuids=choice.uuids, equivalents=choice.equivalents,
+    )
+    make(engine, base_image, "place-holder", labelset=labelset,
+         device_ids=list(choice.uuids), start=False)
+    assert Ledger(engine.client, start_timeout=120).read().allocations[0].state == CREATED
+
+
 def test_hand_edited_labels_fall_back_to_device_requests(engine, gpusim, base_image):
     inv = inventory.read("file", topology_file=gpusim.state_path)
     real = inv.migs[0].uuid

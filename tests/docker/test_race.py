@@ -73,18 +73,10 @@ async def test_a_stopped_container_started_again_gives_way_to_one_that_already_r
     """Docker's own clocks: the old container (created long before) is started again after
     a new one took its slice and finished its checks. The old one started later, so it is
     the one that gives way; the new one keeps the slice, whichever checks first."""
-    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
-    api = engine.client.api
-    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
-    old = claim(engine, base_image, "ann", mig)
-    api.start(old)
-    api.stop(old, timeout=0)
+    api, mig, old, again = stopped_server(engine, gpusim, base_image, monkeypatch)
     new = claim(engine, base_image, "bo", mig)
     api.start(new)
     api.start(old)
-    again = spawner_for(gpusim, "ann", old, mig)
-    again._plan = spawnplan.Plan(spawnplan.REUSE, Choice((mig,)), device_ids=(mig.uuid,),
-                                 existing=old)
     assert await spawner_for(gpusim, "bo", new, mig)._race(running=True) == ()
     assert await again._race(running=True) == (mig.uuid,)
 
@@ -99,6 +91,18 @@ def reuser(gpusim, engine, user: str, container_id: str, mig) -> GPUSpawner:
     return spawner
 
 
+def stopped_server(engine, gpusim, base_image, monkeypatch):
+    """ann's server, started once and stopped, on the first MIG slice; and the spawner about
+    to start it again: (api, the slice, its container, that spawner)."""
+    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
+    api = engine.client.api
+    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
+    old = claim(engine, base_image, "ann", mig)
+    api.start(old)
+    api.stop(old, timeout=0)
+    return api, mig, old, reuser(gpusim, engine, "ann", old, mig)
+
+
 @pytest.mark.parametrize("first", ["stopped", "new"])
 async def test_a_stopped_container_races_through_a_place_holder_before_its_start(
     engine, gpusim, base_image, monkeypatch, first
@@ -106,13 +110,7 @@ async def test_a_stopped_container_races_through_a_place_holder_before_its_start
     """A stopped container is in no one's check: started again as it is, it and a new
     container on its slice could both pass. Its place-holder (created, never started, with
     the same devices) races for it; the earlier of the two creates wins, seen from both."""
-    monkeypatch.setattr(GPUSpawner, "_client", engine.client.api)
-    api = engine.client.api
-    mig = inventory.read("file", topology_file=gpusim.state_path).migs[0]
-    old = claim(engine, base_image, "ann", mig)
-    api.start(old)
-    api.stop(old, timeout=0)
-    again = reuser(gpusim, engine, "ann", old, mig)
+    api, mig, old, again = stopped_server(engine, gpusim, base_image, monkeypatch)
     if first == "stopped":
         lost_again = await again._race(running=False)
         new = claim(engine, base_image, "bo", mig)
@@ -128,3 +126,25 @@ async def test_a_stopped_container_races_through_a_place_holder_before_its_start
     assert place["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [mig.uuid]
     await again._release_place()
     assert not api.containers(all=True, filters={"name": "jupyter-ann-starting"})
+
+
+async def test_a_rival_gone_before_its_inspect_makes_the_check_read_again(
+    engine, gpusim, base_image, monkeypatch
+):
+    """A place-holder listed by a check and removed before the check inspects it went
+    because its container now runs: the check reads again and sees that container, instead
+    of taking the missing rival for one that gave way."""
+    api, mig, old, again = stopped_server(engine, gpusim, base_image, monkeypatch)
+    assert await again._race(running=False) == ()  # its place-holder stands
+    new = claim(engine, base_image, "bo", mig)
+    checker = spawner_for(gpusim, "bo", new, mig)
+    clock = checker._clock
+
+    async def late_clock(container_id: str):
+        if container_id == again._place:  # meanwhile: ann's container starts, its
+            api.start(old)  # place-holder goes, exactly in this order
+            await again._release_place()
+        return await clock(container_id)
+
+    checker._clock = late_clock  # type: ignore[method-assign]
+    assert await checker._race(running=False) == (mig.uuid,)
