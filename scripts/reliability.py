@@ -90,6 +90,29 @@ WHAT = """\
    the layout with new UUIDs in another order: every restart must land on a device that
    exists, with the user's files.
 """
+#: What the suite found in gpuspawner, and what changed because of it.
+FOUND = """\
+- **Two hubs (row 1) found devices run by two containers at once.** The race rule compared
+  Docker's `Created` times, also between two running containers: a stopped container started
+  again is old, so it "won" against a new container on its slice that had finished its checks
+  long before, and both kept running (up to 11 ready servers on 9 slices in a round). And a
+  stopped container is in nobody's check (it neither runs nor starts), so another hub could
+  pass its check while it was being started. Now, between two running containers the earlier
+  `StartedAt` wins (the later starter checks after its own start, so it always sees the pair);
+  a stopped container started again first gets a place-holder (`<name>-starting`, created and
+  never started, with its labels and device requests) that races for it as a new container
+  does; within one hub the planner counts such a start as a spawn in flight. The next full
+  run still saw one device held twice for a moment: a check had listed the place-holder,
+  which went away (its container now ran) before the check inspected it, and a rival that
+  went away was taken for one that gave way. A check now reads again when a rival vanished,
+  and a created container's age is Docker's `Created`, not its labels' (a place-holder
+  carries its container's labels, creation time included).
+- **NVML slow (row 5c) failed every spawn**: a read of this host at 2 s per call takes
+  minutes, and every spawn, CPU ones included, waited for it. No caller now waits longer than
+  `inventory_timeout` (10 s): it gets the last inventory read, with a problem saying how old
+  it is (a device gone since fails its start with "unknown device", which reads again).
+"""
+
 #: The test files, run in this order (pytest keeps the order given): the long churn last, so
 #: a run cut short by --deadline loses the fewest rows. The table keeps the issue's order.
 FILES = [f"tests/faults/{name}.py" for name in (
@@ -226,6 +249,9 @@ Run {started} UTC, {"full size" if full else "CI size"}, {minutes(wall)} in all,
 {command}
 ```
 
+## What the suite found
+
+{FOUND}
 ## The scenarios
 
 {WHAT}
