@@ -211,7 +211,7 @@ def table(rows: dict[str, dict[str, Any]], expected: list[str]) -> str:
 
 
 def document(rows: dict[str, dict[str, Any]], command: str, started: str, wall: float,
-             full: bool, unfinished_reason: str = "") -> str:
+             full: bool, unfinished_reason: str = "", note: str = "") -> str:
     expected = list(SCENARIOS)
     missing = [name for name in expected if name not in rows]
     failing = [name for name in expected if name in rows and any(rows[name][c] for c in COLUMNS)]
@@ -243,7 +243,7 @@ full-size run here uses the real `jupyterhub-singleuser` unless a size says "sta
 {table(rows, expected)}
 
 Run {started} UTC, {"full size" if full else "CI size"}, {minutes(wall)} in all, on
-{machine()}. Reproduce (as root, after `bash scripts/setup.sh`):
+{machine()}.{" " + note if note else ""} Reproduce (as root, after `bash scripts/setup.sh`):
 
 ```sh
 {command}
@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DOC, help=f"default: {DOC}")
     parser.add_argument("--deadline", type=float, default=0,
                         help="seconds after which the run is cut short (0: none)")
+    parser.add_argument("--note", default="", help="a sentence about the run, printed with it")
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = parser.parse_args(argv)
     full = not args.ci
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         (rows_dir / RUN_FILE).write_text(json.dumps({
             "started": started, "wall": round(wall), "full": full, "reason": reason,
             "command": command, "exit": code}) + "\n")
-    args.out.write_text(document(rows, command, started, wall, full, reason))
+    args.out.write_text(document(rows, command, started, wall, full, reason, args.note))
     print(f"wrote {args.out} ({len(rows)} rows from {rows_dir})")
     return code
 
