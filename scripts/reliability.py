@@ -90,6 +90,29 @@ WHAT = """\
    the layout with new UUIDs in another order: every restart must land on a device that
    exists, with the user's files.
 """
+#: What the suite found in gpuspawner, and what changed because of it.
+FOUND = """\
+- **Two hubs (row 1) found devices run by two containers at once.** The race rule compared
+  Docker's `Created` times, also between two running containers: a stopped container started
+  again is old, so it "won" against a new container on its slice that had finished its checks
+  long before, and both kept running (up to 11 ready servers on 9 slices in a round). And a
+  stopped container is in nobody's check (it neither runs nor starts), so another hub could
+  pass its check while it was being started. Now, between two running containers the earlier
+  `StartedAt` wins (the later starter checks after its own start, so it always sees the pair);
+  a stopped container started again first gets a place-holder (`<name>-starting`, created and
+  never started, with its labels and device requests) that races for it as a new container
+  does; within one hub the planner counts such a start as a spawn in flight. The next full
+  run still saw one device held twice for a moment: a check had listed the place-holder,
+  which went away (its container now ran) before the check inspected it, and a rival that
+  went away was taken for one that gave way. A check now reads again when a rival vanished,
+  and a created container's age is Docker's `Created`, not its labels' (a place-holder
+  carries its container's labels, creation time included).
+- **NVML slow (row 5c) failed every spawn**: a read of this host at 2 s per call takes
+  minutes, and every spawn, CPU ones included, waited for it. No caller now waits longer than
+  `inventory_timeout` (10 s): it gets the last inventory read, with a problem saying how old
+  it is (a device gone since fails its start with "unknown device", which reads again).
+"""
+
 #: The test files, run in this order (pytest keeps the order given): the long churn last, so
 #: a run cut short by --deadline loses the fewest rows. The table keeps the issue's order.
 FILES = [f"tests/faults/{name}.py" for name in (
@@ -188,7 +211,7 @@ def table(rows: dict[str, dict[str, Any]], expected: list[str]) -> str:
 
 
 def document(rows: dict[str, dict[str, Any]], command: str, started: str, wall: float,
-             full: bool, unfinished_reason: str = "") -> str:
+             full: bool, unfinished_reason: str = "", note: str = "") -> str:
     expected = list(SCENARIOS)
     missing = [name for name in expected if name not in rows]
     failing = [name for name in expected if name in rows and any(rows[name][c] for c in COLUMNS)]
@@ -220,12 +243,15 @@ full-size run here uses the real `jupyterhub-singleuser` unless a size says "sta
 {table(rows, expected)}
 
 Run {started} UTC, {"full size" if full else "CI size"}, {minutes(wall)} in all, on
-{machine()}. Reproduce (as root, after `bash scripts/setup.sh`):
+{machine()}.{" " + note if note else ""} Reproduce (as root, after `bash scripts/setup.sh`):
 
 ```sh
 {command}
 ```
 
+## What the suite found
+
+{FOUND}
 ## The scenarios
 
 {WHAT}
@@ -277,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DOC, help=f"default: {DOC}")
     parser.add_argument("--deadline", type=float, default=0,
                         help="seconds after which the run is cut short (0: none)")
+    parser.add_argument("--note", default="", help="a sentence about the run, printed with it")
     parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
     args = parser.parse_args(argv)
     full = not args.ci
@@ -328,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         (rows_dir / RUN_FILE).write_text(json.dumps({
             "started": started, "wall": round(wall), "full": full, "reason": reason,
             "command": command, "exit": code}) + "\n")
-    args.out.write_text(document(rows, command, started, wall, full, reason))
+    args.out.write_text(document(rows, command, started, wall, full, reason, args.note))
     print(f"wrote {args.out} ({len(rows)} rows from {rows_dir})")
     return code
 
