@@ -93,11 +93,13 @@ def render(
     chosen: str,
     picked: Mapping[str, str] | None = None,
     blocked: Mapping[str, str] | None = None,
+    notice: str | None = None,
 ) -> str:
     """One radio button per profile, each with its options; full profiles are shown
     disabled, with the reason. ``picked``: the last choices of the chosen profile;
     ``blocked``: profiles (by slug) and choices (``choice_key``) whose image this driver
-    cannot start, with the sentence."""
+    cannot start, with the sentence; ``notice``: a sentence for the user above it all (why
+    their server was stopped)."""
     rows = []
     for profile in profiles:
         note, full = availability(profile, free, has_gpus, trouble)
@@ -123,7 +125,9 @@ def render(
     </label>{options}
   </div>"""
         )
-    return '<div class="list-group gpuspawner-profiles">' + "".join(rows) + "\n</div>"
+    top = (f'<p class="alert alert-info gpuspawner-notice">{html.escape(notice)}</p>\n'
+           if notice else "")
+    return top + '<div class="list-group gpuspawner-profiles">' + "".join(rows) + "\n</div>"
 
 
 def error(message: str) -> str:

@@ -282,7 +282,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             picked = dict(resolve(last, profiles, everything).choices)
         except ProfileRefused:
             picked = {}
-        return form.render(profiles, free, has_gpus, trouble, chosen, picked, blocked)
+        return form.render(profiles, free, has_gpus, trouble, chosen, picked, blocked,
+                           notice=await self._why_stopped())
 
     async def _cuda_blocked(self, profiles: list[Profile], inv: Inventory) -> dict[str, str]:
         """GPU profiles, and choices of their image option, whose image this driver cannot
@@ -593,22 +594,28 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self._progress(90, "Server started; waiting for Jupyter to answer")
         return ip, port
 
-    async def _say_why_stopped(self) -> None:
+    async def _why_stopped(self) -> str | None:
         """When the admin service stopped this server for want of GPU work
-        (``gpu_idle_timeout``), the spawn page says so first."""
+        (``gpu_idle_timeout``) since its last start, the sentence that says so: the spawn
+        form shows it above the profiles, and the spawn page first."""
         if not self.events_file:
-            return
+            return None
         try:
             entries = await self._run(lambda: list(events.tail(self.events_file, 500)))
         except OSError:
-            return
+            return None
         stop = events.idle_stopped(entries, self.user.name, self.name)
-        if stop is not None:
-            self._progress(2, (
-                f"Your server was stopped at {str(stop.get('time', ''))[:16].replace('T', ' ')} "
-                f"UTC after {format_duration(float(stop.get('idle') or 0))} without GPU work "
-                f"(the limit is {format_duration(float(stop.get('timeout') or 0))}); "
-                "your files are kept."))
+        if stop is None:
+            return None
+        return (f"Your server was stopped at {str(stop.get('time', ''))[:16].replace('T', ' ')}"
+                f" UTC after {format_duration(float(stop.get('idle') or 0))} without GPU work "
+                f"(the limit is {format_duration(float(stop.get('timeout') or 0))}); your "
+                "files are kept.")
+
+    async def _say_why_stopped(self) -> None:
+        why = await self._why_stopped()
+        if why:
+            self._progress(2, why)
 
     async def _check_cuda(self, profile: Profile, image: str) -> None:
         """Refuse at once an image whose ``NVIDIA_REQUIRE_*`` this driver does not meet: the

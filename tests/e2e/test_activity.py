@@ -15,6 +15,7 @@ import pytest
 
 from gpuspawner import inventory
 
+from ..hub import login
 from .conftest import MakeHub
 from .test_admin import Tokens, admin_config, with_token
 from .test_admin_browser import ARTIFACTS, browser, open_as_admin  # noqa: F401 - the fixture
@@ -44,7 +45,7 @@ def test_zombie_slices_are_avoided_and_shown_busy(
     refused = hub.spawn("bo", "mig-1g")
     assert refused.status_code == 503, refused.text
     message = refused.json()["message"]
-    assert "all 9 1g.10gb slices are in use (9/9)" in message, message
+    assert "All 9 1g.10gb slices are in use (9/9)" in message, message
     assert "8 of them busy with processes or memory no running server owns" in message
 
     gpus = with_token(hub, tokens.dashboard, "api/gpus")
@@ -139,28 +140,34 @@ def test_a_server_computing_on_its_slice_is_not_culled_with_the_browser_closed(
 def test_a_gpu_server_idle_past_its_limit_is_stopped_and_told_why(
     make_hub: MakeHub, engine: Any, gpusim: Any, tmp_path: Any,
 ) -> None:
-    """``gpu_idle_timeout: 6s`` in the policy: a GPU server whose slice runs nothing is
+    """``gpu_idle_timeout: 12s`` in the policy: a GPU server whose slice runs nothing is
     stopped through the Hub, with ``gpu.idle-stop`` in the log and a line on its next spawn
     page; a server computing on its slice, and a CPU server, are left alone."""
     from .test_admin import policy
 
     tokens = Tokens()
     hub = make_hub(
-        config_extra=policy(tmp_path, "defaults: {gpu_idle_timeout: 6s}\n")
+        config_extra=policy(tmp_path, "defaults: {gpu_idle_timeout: 12s}\n")
         + admin_config(tokens),
         env_extra={"GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL": "1s"})
-    hub.spawn("ann", "mig-1g")
     hub.spawn("bo", "mig-1g")
-    hub.spawn("cy", "cpu")
     [bo] = engine.client.containers.list(filters={"label": "ds01.user=bo"})
     gpusim.start_process(bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"][0], 4000)
+    hub.spawn("ann", "mig-1g")
+    hub.spawn("cy", "cpu")
     deadline = time.monotonic() + 60
     while hub.server_model("ann") is not None:
         assert time.monotonic() < deadline, "ann's idle GPU server was never stopped"
         time.sleep(1)
     assert hub.server_model("bo") is not None and hub.server_model("cy") is not None
     [stop] = [e for e in hub.events() if e["event"] == "gpu.idle-stop"]
-    assert (stop["user"], stop["server"], stop["timeout"]) == ("ann", "", 6)
-    assert stop["idle"] >= 6
+    assert (stop["user"], stop["server"], stop["timeout"]) == ("ann", "", 12)
+    assert stop["idle"] >= 12
+    ann = login(hub, "ann")  # the spawn form, as ann's browser gets it
+    page = ann.get(f"{hub.url}/hub/spawn/ann")
+    assert page.status_code == 200, page.text[:300]
+    assert "without GPU work (the limit is 12s)" in page.text, page.text[:2000]
+    assert "gpuspawner-notice" in page.text
     hub.spawn("ann", "mig-1g")
-    assert any("without GPU work" in m for m in hub.last_progress), hub.last_progress
+    page = ann.get(f"{hub.url}/hub/spawn/ann")  # told once: it started since
+    assert "without GPU work" not in page.text

@@ -269,3 +269,13 @@ def test_the_form_disables_an_image_choice_this_driver_cannot_start():
         assert '<option value="old" selected>CUDA 12</option>' in page
     page = form.render([gpu], {"1g.10gb": (3, 7)}, True, None, "gpu", {}, {})
     assert '<option value="new" selected>CUDA 13 &lt;new&gt;</option>' in page
+
+
+def test_the_form_shows_a_notice_above_the_profiles_escaped():
+    from gpuspawner import form
+
+    (cpu,) = parse_profiles([{"display_name": "CPU", "slug": "cpu"}])
+    page = form.render([cpu], {}, False, None, "cpu", notice="Stopped <after> 2h & more")
+    assert page.startswith('<p class="alert alert-info gpuspawner-notice">Stopped &lt;after'
+                           "&gt; 2h &amp; more</p>")
+    assert "gpuspawner-notice" not in form.render([cpu], {}, False, None, "cpu")
