@@ -243,6 +243,7 @@ def _block(
         title=_title(kind, view.slot, view.uuid, state, holders, snap)
         + (f"\n{view.reason}" if state == BUSY and view.reason else
            f"\nunavailable: {view.reason}" if view.reason else "")
+        + (f"\n{activity(view)}" if activity(view) else "")
         + "".join(f"\npid {p.pid}: {p.used_mib} MiB" for p in view.processes[:8]),
         holders=tuple(holder(snap, a, hub_id) for a in holders),
         until=_iso(until),
@@ -254,7 +255,8 @@ def _block(
 
 def activity(view: DeviceView) -> str:
     """A device's activity in words: memory in use of total, compute processes (their pids
-    in the tooltip), utilization of a whole GPU; "" where NVML did not say."""
+    in the tooltip), utilization of a whole GPU; "" where NVML did not say. Shown on the
+    block (cut to its width) and in full in its tooltip."""
     parts = []
     if view.memory_used_mib is not None:
         parts.append(f"{view.memory_used_mib / 1024:.1f}/{view.memory_mib / 1024:.1f} GiB")
@@ -262,7 +264,7 @@ def activity(view: DeviceView) -> str:
         count = len(view.processes)
         parts.append(f"{count} process{'' if count == 1 else 'es'}")
     if view.utilization is not None:
-        parts.append(f"{view.utilization}% busy")
+        parts.append(f"{view.utilization}% utilization")
     return " · ".join(parts)
 
 
