@@ -137,6 +137,8 @@ class Admin:
         for user, servers in sorted(active.items()):
             await self.hub.report_activity(user, sorted(servers), when)
         users = await self.hub_users()
+        if self.hub.error:  # without the users' hub groups, their limits are not known
+            return active
         groups = {name: u.groups for name, u in users.items()}
         for stop in activity.idle_stops(snap, self._last_work, time.monotonic(), groups):
             await self.stop_idle(stop)
