@@ -137,10 +137,11 @@ class Admin:
         for user, servers in sorted(active.items()):
             await self.hub.report_activity(user, sorted(servers), when)
         users = await self.hub_users()
-        if self.hub.error:  # without the users' hub groups, their limits are not known
-            return active
         groups = {name: u.groups for name, u in users.items()}
-        for stop in activity.idle_stops(snap, self._last_work, time.monotonic(), groups):
+        stops = activity.idle_stops(snap, self._last_work, time.monotonic(), groups)
+        if self.hub.error:  # the clocks go on; without users' hub groups, no limit is known
+            return active
+        for stop in stops:
             await self.stop_idle(stop)
         return active
 
