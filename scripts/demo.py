@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import docker
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -85,8 +87,9 @@ def training(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     engine = PrivateEngine(EnginePaths.from_env({"GPUSPAWNER_TEST_ROOT": str(DEMO_ROOT)}))
     sim = Simulator(engine.state_path, engine.hook_log)
-    try:
-        found = engine.client.containers.list(filters={"label": f"ds01.user={args.user}"})
+    try:  # the demo's running engine, from its socket (this process did not start it)
+        client = docker.DockerClient(base_url=engine.base_url, version="auto")
+        found = client.containers.list(filters={"label": f"ds01.user={args.user}"})
     except Exception as exc:
         print(f"demo: the demo's engine does not answer ({exc}); is the demo running?")
         return 3

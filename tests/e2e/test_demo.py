@@ -125,8 +125,12 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert trained.returncode == 0 and "training process" in trained.stdout, trained
         slice_uuid = mine[0]["uuids"][0]
-        gpus = admin.get(f"{url}/services/gpu-allocations/api/gpus").json()
-        [seen] = [d for d in gpus if d["uuid"] == slice_uuid]
+        for _ in range(20):  # the page's snapshot is kept a second; NVML read again after
+            gpus = admin.get(f"{url}/services/gpu-allocations/api/gpus").json()
+            [seen] = [d for d in gpus if d["uuid"] == slice_uuid]
+            if seen["processes"]:
+                break
+            time.sleep(0.5)
         assert len(seen["processes"]) == 1 and seen["memory_used_mib"] == 6000, seen
         # ... and the gpuspawner command the demo printed sees the same, on its engine.
         line = text.split("simulated GPUs:\n", 1)[1].splitlines()[0].strip()
