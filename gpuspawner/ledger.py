@@ -313,6 +313,17 @@ class Ledger:
                 entry = {**entry, "State": (attrs.get("State") or {}).get("Status", "exited"),
                          "Status": "", "Ports": []}
             merged.append(entry)
+        # Forgotten containers the view never had (made and stopped since the full list: a
+        # server's own container, stopped a moment after its start) are inspected and added.
+        known = live_ids | {entry["Id"] for entry in view}
+        for cid in sorted(dirty - known):
+            calls += 1
+            try:
+                attrs = self._inspect(cid)
+            except docker.errors.NotFound:
+                continue
+            self._remember(cid, attrs)
+            merged.append(_entry(attrs))
         with self._lock:
             self._view = merged
             self._dirty -= dirty
@@ -433,6 +444,21 @@ class Ledger:
             allocation = replace(allocation, state=state)
         self._built[cid] = (key, allocation)
         return allocation, calls
+
+
+def _entry(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A container list entry made from an inspect (of a container that does not run: no
+    published ports)."""
+    created = L.parse_time(attrs.get("Created"))
+    return {
+        "Id": attrs["Id"],
+        "Names": ["/" + str(attrs.get("Name", "")).lstrip("/")],
+        "Labels": (attrs.get("Config") or {}).get("Labels") or {},
+        "State": (attrs.get("State") or {}).get("Status", "exited"),
+        "Status": "",
+        "Created": int(created.timestamp()) if created else 0,
+        "Ports": [],
+    }
 
 
 def _record(

@@ -546,6 +546,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 self.image = image
                 self._unmark_starting()
                 await self._release_place()  # after a port taken at the start, say
+                if self.object_id:  # the server's own container is read afresh, always
+                    self.ledger.forget(self.object_id)
                 async with self._lock():
                     snap = spawnplan.with_starting(
                         await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),

@@ -146,6 +146,27 @@ def test_created_but_never_started(engine, gpusim, base_image):
     assert ledger.read(now=late).allocations[0].state == FAILED
 
 
+def test_a_container_made_and_stopped_since_the_full_list_is_seen_once_forgotten(
+    engine, gpusim, base_image
+):
+    """A server's own container, made after the last full list and stopped a moment after
+    its start, is in neither the live list nor the kept view: once the spawner forgets it
+    (as it does after a start and before each plan), the next read inspects and shows it."""
+    inv = inventory.read("file", topology_file=gpusim.state_path)
+    ledger = Ledger(engine.client, start_timeout=120)
+    hold = lambda user: 600  # noqa: E731
+    ledger.read(hold)  # the full list: nothing yet
+    cid, _ = spawn_like(engine, base_image, inv, "eve", mig_profile="1g.10gb")
+    engine.client.api.stop(cid, timeout=0)
+    unseen = ledger.read(hold, stopped_max_age=60)
+    assert cid not in {a.container_id for a in unseen.allocations}  # the documented lateness
+    ledger.forget(cid)
+    seen = {a.container_id: a for a in ledger.read(hold, stopped_max_age=60).allocations}
+    assert seen[cid].state == HELD and seen[cid].user == "eve"
+    again = {a.container_id for a in ledger.read(hold, stopped_max_age=60).allocations}
+    assert cid in again  # kept in the view from then on
+
+
 def test_a_container_created_now_with_old_labels_is_a_spawn_in_flight(
     engine, gpusim, base_image
 ):
