@@ -77,20 +77,12 @@ def cmd_status(args, world: World) -> int:
     return EXIT_OK
 
 
-def _memory(used_mib: int | None, total_mib: int) -> str:
-    """Memory in use of a device, for people: "7.9/10.0 GiB", or "n/a" where NVML does not
-    say (a MIG-enabled GPU read without root, an inventory from a file)."""
-    if used_mib is None:
-        return "n/a"
-    return f"{used_mib / 1024:.1f}/{total_mib / 1024:.1f} GiB"
-
-
 def cmd_gpus(args, world: World) -> int:
     snap = world.snapshot()
     rows = snap.devices()
     by_id = {a.container_id: a for a in snap.allocations}
     table = [
-        (d.slot, d.kind, d.profile, d.uuid, d.state, _memory(d.memory_used_mib, d.memory_mib),
+        (d.slot, d.kind, d.profile, d.uuid, d.state, d.memory_words() or "n/a",
          len(d.processes) if d.memory_used_mib is not None or d.processes else "n/a",
          ", ".join(f"{by_id[h].user or by_id[h].container_name}" for h in d.holders))
         for d in rows

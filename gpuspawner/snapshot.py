@@ -61,6 +61,13 @@ class DeviceView(JSONRecord):
     processes: tuple[GpuProcess, ...] = ()
     utilization: int | None = None
 
+    def memory_words(self) -> str | None:
+        """Memory in use of total, for people ("7.9/9.5 GiB"); None where NVML did not say.
+        The one spelling the admin page and ``gpuspawner gpus`` share."""
+        if self.memory_used_mib is None:
+            return None
+        return f"{self.memory_used_mib / 1024:.1f}/{self.memory_mib / 1024:.1f} GiB"
+
 
 @dataclass(frozen=True)
 class Snapshot:

@@ -258,8 +258,9 @@ def activity(view: DeviceView) -> str:
     in the tooltip), utilization of a whole GPU; "" where NVML did not say. Shown on the
     block (cut to its width) and in full in its tooltip."""
     parts = []
-    if view.memory_used_mib is not None:
-        parts.append(f"{view.memory_used_mib / 1024:.1f}/{view.memory_mib / 1024:.1f} GiB")
+    memory = view.memory_words()
+    if memory:
+        parts.append(memory)
     if view.processes:
         count = len(view.processes)
         parts.append(f"{count} process{'' if count == 1 else 'es'}")
