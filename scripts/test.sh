@@ -10,4 +10,11 @@ if [[ $(id -u) != 0 ]]; then
 fi
 bash scripts/setup.sh
 .venv/bin/ruff check gpuspawner tests benchmarks scripts docker jupyterhub_config.py
-exec .venv/bin/pytest -ra "$@"
+# Two workers, each with its own private engine and port range (tests/conftest.py): the
+# Docker and hub tests spend most of their time waiting, so two halve the wall time on two
+# cores. GPUSPAWNER_TEST_WORKERS=0 runs everything in this one process.
+workers=${GPUSPAWNER_TEST_WORKERS:-2}
+if [[ $workers == 0 ]]; then
+  exec .venv/bin/pytest -ra "$@"
+fi
+exec .venv/bin/pytest -ra -n "$workers" --dist loadgroup "$@"

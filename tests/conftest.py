@@ -126,3 +126,20 @@ def nvidia_default_singleuser_image(
 
 
 # ============================================================ end of simulator / engine block
+
+
+# ===================================================================================
+# Two workers (pytest-xdist, ``--dist loadgroup`` in scripts/test.sh): each worker runs its
+# own private engine (tests/engine.py, ``EnginePaths.from_env``) and publishes from its own
+# port range (tests/hub.py, ``PORT_RANGE``). A test file stays on one worker, so its
+# module fixtures are made once; the files that need the nvidia-default engine share one
+# worker, so only one such engine is built per run.
+# ===================================================================================
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if any(name.startswith("nvidia_default") for name in fixtures):
+            group = "nvidia-default-engine"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(name=group))

@@ -61,8 +61,18 @@ class EnginePaths:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> EnginePaths:
+        """The session's engine. Under pytest-xdist (``scripts/test.sh`` runs two workers)
+        each worker gets its own engine: ``<root>-gw<n>``, with a bridge and subnets numbered
+        by the worker, so no two engines of one run can meet whatever their roots hash to."""
         environ = os.environ if environ is None else environ
         root = environ.get("GPUSPAWNER_TEST_ROOT")
+        worker = environ.get("PYTEST_XDIST_WORKER", "")
+        if worker:
+            number = int(worker.removeprefix("gw"))
+            base = Path(root) if root else DEFAULT_LIB_DIR
+            top = base.with_name(f"{base.name}-{worker}")
+            return cls(top / "run", top / "lib" / "docker", bridge=f"gpsimw{number}",
+                       gateway_cidr=f"172.30.{10 + 2 * number}.1/24")
         if not root:
             return cls(DEFAULT_RUN_DIR, DEFAULT_LIB_DIR / "docker")
         return cls.under(Path(root))
@@ -87,6 +97,12 @@ class EnginePaths:
     def beside(self, name: str) -> EnginePaths:
         """Paths for a second engine next to this one (``name`` under the same root), e.g. one
         with another default runtime: its own socket, data root, bridge and subnet."""
+        if self.bridge.startswith("gpsimw"):  # a worker's engine: the next subnet is its own
+            network = ipaddress.ip_interface(self.gateway_cidr).network
+            gateway = ipaddress.ip_address(int(network.network_address) + 256 + 1)
+            top = self.data_root.parent / name
+            return EnginePaths(top / "run", top / "lib" / "docker", bridge=f"{self.bridge}b",
+                               gateway_cidr=f"{gateway}/24")
         return EnginePaths.under(self.data_root.parent / name, beside=self)
 
     @property

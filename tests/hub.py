@@ -49,6 +49,12 @@ _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PR
                "ALL_PROXY")
 
 
+# Each pytest-xdist worker's hubs publish from a range of their own (gw0: 41000-41099, gw1:
+# 42000-42099, ...), so two workers' servers never meet on a host port.
+PORT_BASE = 41000 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+PORT_RANGE = (PORT_BASE, PORT_BASE + 99)
+
+
 class HubError(RuntimeError):
     """The hub did not start, or a spawn failed; the message carries the reason."""
 
@@ -156,7 +162,7 @@ c.Spawner.cmd = ["jupyterhub-singleuser"]
 c.GPUSpawner.hub_id = "e2e"
 c.GPUSpawner.inventory_source = "nvml"
 c.GPUSpawner.events_file = {str(self.events_path)!r}
-c.GPUSpawner.port_range = (41000, 41099)
+c.GPUSpawner.port_range = {PORT_RANGE!r}
 c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
 
 # ---- config_extra
@@ -256,10 +262,18 @@ c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
     # ------------------------------------------------------------------ REST API
 
     def api(self, method: str, path: str, **kw: Any) -> requests.Response:
-        """A request to ``/hub/api<path>`` with the admin service token."""
+        """A request to ``/hub/api<path>`` with the admin service token, sent to the hub's own
+        port. Through the proxy, one CI run's spawn request came back as the proxy's bare 503
+        ("Service Unavailable": the proxy lost its connection to the hub for that request);
+        what the hub answers is the subject here, and the proxy is exercised by ``start``,
+        ``get`` and the browser tests."""
         headers = {"Authorization": f"token {self.token}", **kw.pop("headers", {})}
         kw.setdefault("timeout", 30)
-        return self.session.request(method, f"{self.url}/hub/api{path}", headers=headers, **kw)
+        return self.session.request(method, f"{self.hub_api_url}{path}", headers=headers, **kw)
+
+    @property
+    def hub_api_url(self) -> str:
+        return f"http://127.0.0.1:{self.hub_port}/hub/api"
 
     def get(self, path: str, **kw: Any) -> requests.Response:
         """A request through the proxy (e.g. ``/user/ann/api/status``) with the service token."""

@@ -80,6 +80,7 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["GPUSPAWNER_DEMO_ROOT"] = str(DEMO_ROOT)
+    env["GPUSPAWNER_PORTS"] = "45000-45099"  # clear of the test hubs' ranges and test_cli's
     out = Output()
     demo = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port)],

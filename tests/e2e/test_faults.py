@@ -10,6 +10,7 @@ import time
 import pytest
 import requests
 
+from ..hub import PORT_BASE
 from .conftest import MakeHub
 from .test_promises import mig_host
 from .test_spawn import STREAM
@@ -42,7 +43,7 @@ def test_a_host_port_the_hub_cannot_see_is_chosen_again(make_hub: MakeHub, engin
     refuses to publish it; the spawn chooses again without it, and says so in the log."""
     squatter = socket.socket()
     squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    squatter.bind(("127.0.0.1", 41000))
+    squatter.bind(("127.0.0.1", PORT_BASE))
     squatter.listen()
     try:
         hub = make_hub(config_extra=BLIND_PROBE + 'c.GPUSpawner.ports = {"web": 6006}\n')
@@ -51,21 +52,21 @@ def test_a_host_port_the_hub_cannot_see_is_chosen_again(make_hub: MakeHub, engin
         container = hub.container("ann")
         container.reload()
         host_port = int(container.labels["ds01.port.web"])
-        assert host_port == 41001
+        assert host_port == PORT_BASE + 1
         published = container.attrs["NetworkSettings"]["Ports"]["6006/tcp"]
-        assert [int(b["HostPort"]) for b in published] == [41001]
+        assert [int(b["HostPort"]) for b in published] == [PORT_BASE + 1]
         api = engine.client.api
         api.exec_start(api.exec_create(container.id, [
             "sh", "-c", "cd /tmp && echo served > index.html && "
             "nohup /opt/venv/bin/python -m http.server 6006 >/dev/null 2>&1 &"]), detach=True)
         assert answers(host_port, "/index.html") == "served"
         taken = [e for e in hub.events() if e["event"] == "port.taken"]
-        assert [e["port"] for e in taken] == [41000]
+        assert [e["port"] for e in taken] == [PORT_BASE]
         # The failed first container is gone: one container, the running one.
         assert [c.id for c in engine.client.containers.list(all=True)] == [container.id]
         # The next server avoids the port at once.
         hub.spawn("bob", "cpu")
-        assert int(hub.container("bob").labels["ds01.port.web"]) == 41002
+        assert int(hub.container("bob").labels["ds01.port.web"]) == PORT_BASE + 2
         assert len([e for e in hub.events() if e["event"] == "port.taken"]) == 1
     finally:
         squatter.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ..hub import HubError
+from ..hub import PORT_RANGE, HubError
 from .conftest import MakeHub
 
 pytestmark = pytest.mark.docker
@@ -100,7 +100,7 @@ def test_users_get_distinct_devices_ports_and_labels(make_hub: MakeHub, tmp_path
     assert containers["eve"].labels["ds01.gpu.allocated"] == ""
     # Ports: distinct, from the range, published as labelled, and told to the server.
     ports = [int(containers[u].labels["ds01.port.ssh"]) for u in wanted]
-    assert len(set(ports)) == len(ports) and all(41000 <= p <= 41099 for p in ports)
+    assert len(set(ports)) == len(ports) and all(PORT_RANGE[0] <= p <= PORT_RANGE[1] for p in ports)
     for user in wanted:
         c = containers[user]
         c.reload()

@@ -604,3 +604,17 @@ def test_an_engine_beside_another_shares_no_bridge_or_subnet() -> None:
         assert Path("/var/lib", f"root-{number}") in second.data_root.parents
     default = EnginePaths.from_env({}).beside("nvidia-default")
     assert default.bridge != EnginePaths.from_env({}).bridge
+
+
+def test_two_workers_engines_share_no_bridge_subnet_or_root() -> None:
+    """pytest-xdist workers each run an engine and its nvidia-default neighbour: four engines
+    in one run, none sharing a bridge, a subnet or a socket, whatever the root."""
+    for root in ({}, {"GPUSPAWNER_TEST_ROOT": "/var/lib/elsewhere"}):
+        engines = []
+        for worker in ("gw0", "gw1"):
+            main = EnginePaths.from_env({**root, "PYTEST_XDIST_WORKER": worker})
+            engines += [main, main.beside("nvidia-default")]
+        for attribute in ("bridge", "gateway_cidr", "socket", "data_root"):
+            values = [getattr(paths, attribute) for paths in engines]
+            assert len(set(values)) == 4, (attribute, values)
+        assert all(len(str(paths.socket)) < 100 for paths in engines)  # a unix socket's limit
