@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from . import procs
 from .records import GPU, GpuProcess, Inventory, MigDevice
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,8 @@ def _activity(call: _Caller, handle: Any) -> tuple[int | None, tuple[GpuProcess,
         except Exception as exc:  # NVML's errors, and nvidia-ml-py's library mismatch
             log.debug("inventory: %s failed: %s", name, exc)
             break
-        processes = tuple(GpuProcess(int(p.pid), _process_mib(p)) for p in found)
+        processes = tuple(GpuProcess(int(p.pid), _process_mib(p), procs.container_of(p.pid))
+                          for p in found)
         break
     return used, processes
 

@@ -34,10 +34,13 @@ class JSONRecord:
 
 @dataclass(frozen=True)
 class GpuProcess(JSONRecord):
-    """A compute process NVML reports on a device: host pid and the memory it uses."""
+    """A compute process NVML reports on a device: host pid and the memory it uses, and the
+    Docker container it runs in as the kernel says (``procs.container_of``; None: in none,
+    or not visible from where it was read)."""
 
     pid: int
     used_mib: int
+    container_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ no second way of reading Docker or NVML: everything that wants to know who holds
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +31,33 @@ CONFLICT = "conflict"
 UNAVAILABLE = "unavailable"  # a device no one holds that NVML fails on: never given out
 BUSY = allocator.BUSY  # a device no running container holds, with processes or memory in use
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class ProcessView(JSONRecord):
+    """A compute process on a device, and whose it is: the container the kernel puts it in
+    (``procs``) and that container's labels. ``holder``: that container holds this device
+    (Docker's device requests); False for a process outside any container, or in one that
+    does not hold the device (a runtime that hands GPUs out by environment)."""
+
+    pid: int
+    used_mib: int
+    container_id: str | None = None
+    container: str | None = None
+    user: str | None = None
+    server: str | None = None
+    hub: str | None = None
+    holder: bool = False
+
+    def owner_words(self) -> str:
+        """Whose it is, for people: "ann", "ann/train", "container x (not its holder)",
+        "no container"."""
+        if self.container_id is None:
+            return "no container"
+        name = self.container or self.container_id[:12]
+        who = (f"{self.user}/{self.server}" if self.server else self.user) if self.user \
+            else f"container {name}"
+        return who if self.holder else f"{who} (not its holder)"
 
 
 @dataclass(frozen=True)
@@ -58,8 +85,11 @@ class DeviceView(JSONRecord):
     #: processes (pid, MiB), utilization in percent (whole GPUs only).
     memory_used_mib: int | None = None
     memory_mib: int = 0
-    processes: tuple[GpuProcess, ...] = ()
+    processes: tuple[ProcessView, ...] = ()
     utilization: int | None = None
+    #: Seconds since a compute process last ran on it, as the reader that keeps the clock saw
+    #: (``Snapshot.work_since``); 0 while one runs; None without a clock.
+    idle_seconds: float | None = None
 
     def memory_words(self) -> str | None:
         """Memory in use of total, for people ("7.9/9.5 GiB"); None where NVML did not say.
@@ -81,6 +111,9 @@ class Snapshot:
     #: Memory in use (MiB) above which a device no running container holds is busy (0: the
     #: default, ``allocator.BUSY_MEMORY_MIB``).
     busy_memory_mib: int = 0
+    #: Device UUID -> since when it has run no compute process, as a long-running reader
+    #: (the admin service, ``activity.note_work``) keeps it; empty for a one-off read.
+    work_since: Mapping[str, datetime] = field(default_factory=dict)
 
     def limits_for(self, user: str, groups: Iterable[str] = ()) -> Limits:
         return self.policy.for_user(user, groups).limits
@@ -171,6 +204,7 @@ class Snapshot:
     def devices(self) -> tuple[DeviceView, ...]:
         taken = allocator.Taken(self.inventory, self.allocations)
         conflicts = self.conflicts()
+        by_id = {a.container_id: a for a in self.allocations}
         rows: list[DeviceView] = []
         everything: list[Device] = [*self.inventory.gpus, *self.inventory.migs]
         for device in everything:
@@ -206,11 +240,36 @@ class Snapshot:
                         if state == BUSY else None),
                     memory_used_mib=device.memory_used_mib,
                     memory_mib=device.memory_mib,
-                    processes=device.processes,
+                    processes=tuple(self._process_view(p, own, by_id) for p in device.processes),
                     utilization=getattr(device, "utilization", None),
+                    idle_seconds=self._idle(device),
                 )
             )
         return tuple(rows)
+
+    @staticmethod
+    def _process_view(
+        process: GpuProcess, holders: Iterable[Allocation], by_id: Mapping[str, Allocation]
+    ) -> ProcessView:
+        if process.container_id is None:
+            return ProcessView(process.pid, process.used_mib)
+        found = by_id.get(process.container_id)
+        return ProcessView(
+            process.pid, process.used_mib, process.container_id,
+            container=found.container_name if found else None,
+            user=found.user if found else None,
+            server=found.server if found else None,
+            hub=found.hub if found else None,
+            holder=any(a.container_id == process.container_id for a in holders),
+        )
+
+    def _idle(self, device: Device) -> float | None:
+        if device.processes:
+            return 0.0
+        since = self.work_since.get(device.uuid)
+        if since is None:
+            return None
+        return max(0.0, (self.taken_at - since).total_seconds())
 
     def to_json(self) -> dict[str, Any]:
         return {

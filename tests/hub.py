@@ -59,6 +59,24 @@ class HubError(RuntimeError):
     """The hub did not start, or a spawn failed; the message carries the reason."""
 
 
+def _children(pid: int) -> list[tuple[int, bytes]]:
+    """The processes ``pid`` started and that still run, with the program each runs."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            numbers = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for number in numbers:
+            try:
+                argv = Path(f"/proc/{number}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            program = next((a for a in argv[1:] if a and not a.startswith(b"-")), argv[0])
+            found.append((int(number), program))
+    return found
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the kernel's pick, so parallel runs do not clash)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -225,12 +243,17 @@ c.GPUSpawner.profile_list = {DEFAULT_PROFILES!r}
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM the hub, wait, then make sure its proxy is gone too: nothing left running."""
         proc, self.process = self.process, None
+        services = _children(proc.pid) if proc is not None else []
         terminate(proc, timeout)
         # The hub stops the proxy it started (cleanup_proxy); if it died too early to do so,
         # the proxy (its own session) is still ours to end.
         for pid in {self._proxy_pid, self._read_proxy_pid()} - {None}:
             end_process(pid, b"configurable-http-proxy")
         self._proxy_pid = None
+        # Likewise its managed services (the admin service, an idle culler): a hub killed
+        # before it stopped them would leave them running into the next test.
+        for pid, program in services:
+            end_process(pid, program)
 
     def restart(self) -> RunningHub:
         """Stop and start again with the same database, cookie secret, ports and work dir."""

@@ -15,6 +15,9 @@ starts as after any stop, and its user's next spawn page says why.
 Which servers: this hub's running containers holding a device on which NVML lists a compute
 process. A MIG device or a whole GPU is seen only by the containers that hold it, so a
 process on it is that server's work (no pid-to-container mapping is needed for this).
+
+How long each device has been idle (the admin page, ``gpuspawner_device_idle_seconds``) is
+kept by :func:`note_work` on every read the service makes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from ..allocator import Taken
 from ..records import RUNNING, Allocation, JSONRecord
@@ -88,3 +92,38 @@ def idle_stops(
         if timeout is not None and idle > timeout:
             found.append(IdleStop(user, a.server, cid, a.container_name, idle, timeout))
     return found
+
+
+#: Per device UUID: when NVML last listed a compute process on it, and the running
+#: containers that held it then (``note_work``).
+WorkSeen = dict[str, tuple[datetime, tuple[str, ...]]]
+
+
+def note_work(snap: Snapshot, seen: WorkSeen) -> dict[str, datetime]:
+    """Update ``seen`` from one read and return, per device NVML reports activity for, the
+    moment since which it has run no compute process: the read's time while one runs.
+
+    The clock starts again when the running containers holding a device change (a new
+    holder's idle time is its own, not its predecessor's), and a device first seen idle
+    counts from this read: a restarted service under-states idleness, never over-states it.
+    Devices NVML gives no activity for (memory unknown) have no clock.
+    """
+    now = snap.taken_at
+    running = [a for a in snap.allocations if a.state == RUNNING]
+    holders = Taken(snap.inventory, running).by_uuid
+    since: dict[str, datetime] = {}
+    for uuid, device in snap.inventory.by_uuid().items():
+        if device.memory_used_mib is None and not device.processes:
+            seen.pop(uuid, None)
+            continue
+        ids = tuple(sorted(a.container_id for a in holders.get(uuid, ())))
+        last = seen.get(uuid)
+        if last is not None and last[0] > now:  # an older read, finished late: nothing new
+            since[uuid] = last[0]
+            continue
+        if device.processes or last is None or last[1] != ids:
+            seen[uuid] = (now, ids)
+        since[uuid] = seen[uuid][0]
+    for uuid in set(seen) - set(since):
+        del seen[uuid]
+    return since

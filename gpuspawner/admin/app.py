@@ -23,12 +23,13 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any, TypeVar
@@ -113,6 +114,9 @@ class Admin:
         self.reporter: asyncio.Future[None] | None = None
         #: Container id -> when its devices last ran a compute process (``time.monotonic``).
         self._last_work: dict[str, float] = {}
+        #: Per device: when it last ran a compute process, and its holders then
+        #: (``activity.note_work``): the idle time every page, scrape and API answer shows.
+        self._work_seen: activity.WorkSeen = {}
         #: Follows Docker's events (``start_docker_events``); None until started.
         self.docker_events: DockerEvents | None = None
         #: What was logged and still present at the last look, per kind of problem:
@@ -173,6 +177,8 @@ class Admin:
     def take(self, fresh: bool = False) -> Snapshot:
         """``World.snapshot`` for pages, scrapes and checks alike (blocking), noting conflicts."""
         snap = self.world.snapshot(fresh)
+        with self._seen_lock:
+            snap = replace(snap, work_since=activity.note_work(snap, self._work_seen))
         self.note_conflicts(snap)
         self.note_disagreements(snap)
         self.note_busy(snap)
@@ -634,7 +640,20 @@ async def serve(settings: Settings) -> None:
     server.listen(settings.bind_port, settings.bind_host)
     log.info("GPU allocations page at %s, listening on %s:%d", settings.prefix,
              settings.bind_host, settings.bind_port)
-    await asyncio.Event().wait()
+    # The Hub stops its services with SIGINT, then SIGTERM: both end this one at once, even
+    # where SIGINT came in ignored (a hub started in the background of a script passes that
+    # on), so a stopping hub never waits for it, and it never outlives its hub.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, stopping.set)
+    await stopping.wait()
+    log.info("stopping: the Hub asked")
+    server.stop()
+    if admin.reporter is not None:
+        admin.reporter.cancel()
+    # A worker blocked in a slow Docker or NVML call is not waited for.
+    admin.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,6 +112,10 @@ class SnapshotCollector:
         processes = GaugeMetricFamily("gpuspawner_device_processes",
                                       "Compute processes on each device",
                                       labels=["device", "slot", "user"])
+        idle = GaugeMetricFamily("gpuspawner_device_idle_seconds",
+                                 "Seconds since a compute process last ran on each device (0 "
+                                 "while one runs; counted from the admin service's start at "
+                                 "most)", labels=["device", "slot", "user"])
         busy = GaugeMetricFamily("gpuspawner_device_busy",
                                  "Devices no running container holds with processes or memory "
                                  "in use (never given out)")
@@ -123,9 +127,12 @@ class SnapshotCollector:
             if view.memory_used_mib is not None:
                 memory.add_metric(labels, view.memory_used_mib * 1024 * 1024)
                 processes.add_metric(labels, len(view.processes))
+            if view.idle_seconds is not None:
+                idle.add_metric(labels, view.idle_seconds)
         busy.add_metric([], len(snap.busy()))
         yield memory
         yield processes
+        yield idle
         yield busy
 
     def _slots(self, snap: Snapshot) -> Iterator[Metric]:

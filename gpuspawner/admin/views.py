@@ -33,7 +33,7 @@ from ..records import (
     JSONRecord,
     MigDevice,
 )
-from ..snapshot import BUSY, CONFLICT, UNAVAILABLE, DeviceView, Snapshot
+from ..snapshot import BUSY, CONFLICT, UNAVAILABLE, DeviceView, ProcessView, Snapshot
 from ..world import release_refusal
 from .hubapi import HubUser
 
@@ -244,7 +244,7 @@ def _block(
         + (f"\n{view.reason}" if state == BUSY and view.reason else
            f"\nunavailable: {view.reason}" if view.reason else "")
         + (f"\n{activity(view)}" if activity(view) else "")
-        + "".join(f"\npid {p.pid}: {p.used_mib} MiB" for p in view.processes[:8]),
+        + "".join(f"\n{process_words(p)}" for p in top_processes(view)),
         holders=tuple(holder(snap, a, hub_id) for a in holders),
         until=_iso(until),
         activity=activity(view),
@@ -255,8 +255,9 @@ def _block(
 
 def activity(view: DeviceView) -> str:
     """A device's activity in words: memory in use of total, compute processes (their pids
-    in the tooltip), utilization of a whole GPU; "" where NVML did not say. Shown on the
-    block (cut to its width) and in full in its tooltip."""
+    and owners in the tooltip), utilization of a whole GPU, and for a held device with no
+    process how long it has been idle; "" where NVML did not say. Shown on the block (cut to
+    its width) and in full in its tooltip and detail."""
     parts = []
     memory = view.memory_words()
     if memory:
@@ -266,7 +267,28 @@ def activity(view: DeviceView) -> str:
         parts.append(f"{count} process{'' if count == 1 else 'es'}")
     if view.utilization is not None:
         parts.append(f"{view.utilization}% utilization")
+    if not view.processes and view.holders and view.idle_seconds is not None:
+        parts.append(f"idle {idle_words(view.idle_seconds)}")
     return " · ".join(parts)
+
+
+#: Processes listed per device in its tooltip and detail, largest memory first.
+TOP_PROCESSES = 8
+
+
+def top_processes(view: DeviceView) -> tuple[ProcessView, ...]:
+    return tuple(sorted(view.processes, key=lambda p: (-p.used_mib, p.pid))[:TOP_PROCESSES])
+
+
+def process_words(process: ProcessView) -> str:
+    """One process for people: "pid 4242 · ann · 2.0 GiB"."""
+    return f"pid {process.pid} · {process.owner_words()} · {process.used_mib / 1024:.1f} GiB"
+
+
+def idle_words(seconds: float) -> str:
+    """An idle time, to the minute past the first one: "45s", "12m", "2h5m"."""
+    whole = int(max(0.0, seconds))
+    return format_duration(whole if whole < 60 else whole // 60 * 60)
 
 
 def overview(snap: Snapshot, hub_id: str | None = None) -> Overview:

@@ -55,7 +55,9 @@ def test_zombie_slices_are_avoided_and_shown_busy(
         assert seen[m.uuid]["state"] == "busy", seen[m.uuid]
         assert seen[m.uuid]["reason"] == (
             "busy: 1 process, 7.9 GiB in use, no running container holds it")
-        assert seen[m.uuid]["processes"] == [{"pid": pids[m.uuid], "used_mib": 8090}]
+        assert seen[m.uuid]["processes"] == [{
+            "pid": pids[m.uuid], "used_mib": 8090, "container_id": None, "container": None,
+            "user": None, "server": None, "hub": None, "holder": False}]
     assert seen[clean.uuid]["state"] == "running"
 
     context = browser.new_context(viewport={"width": 1400, "height": 900})
@@ -72,7 +74,8 @@ def test_zombie_slices_are_avoided_and_shown_busy(
         assert "7.9/9.5 GiB · 1 process" in block.inner_text()
         width = block.locator(".mem-bar").evaluate("e => e.style.width")
         assert width == "83%", width
-        assert f"pid {pids[zombies[0].uuid]}: 8090 MiB" in (block.get_attribute("title") or "")
+        assert f"pid {pids[zombies[0].uuid]} · no container · 7.9 GiB" in (
+            block.get_attribute("title") or "")
         legend = page.locator('#legend li[data-state="busy"]')
         assert legend.locator(".count").inner_text() == "8"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -93,6 +96,24 @@ def test_zombie_slices_are_avoided_and_shown_busy(
     assert again.status_code < 400, again.text
     [bo] = engine.client.containers.list(filters={"label": "ds01.user=bo"})
     assert bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [zombies[0].uuid]
+
+
+def start_in(engine: Any, container_id: str, command: str) -> int:
+    """Start ``command`` in the background in a running container; its host pid (what NVML
+    reports), found through Docker's ``top`` (host pids) by its marker name."""
+    api = engine.client.api
+    api.exec_start(api.exec_create(container_id, ["sh", "-c", f"({command}) >/dev/null 2>&1 &"]),
+                   detach=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        top = api.top(container_id)
+        column = top["Titles"].index("PID")
+        found = [int(row[column]) for row in top["Processes"]
+                 if "/tmp/train.py" in row[-1] and "cp " not in row[-1]]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise AssertionError(f"{command!r} did not start in {container_id[:12]}")
 
 
 def _last_activity(hub: Any, user: str, server: str = "") -> str:
@@ -123,7 +144,10 @@ def test_a_server_computing_on_its_slice_is_not_culled_with_the_browser_closed(
     hub.spawn("ann", "mig-1g")
     [ann] = engine.client.containers.list(filters={"label": "ds01.user=ann"})
     [slice_uuid] = ann.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
-    gpusim.start_process(slice_uuid, 6000)  # a training run in ann's terminal
+    # A training run in ann's terminal: a real process in her container, which NVML lists
+    # on her slice by its host pid.
+    pid = start_in(engine, ann.id, "cp /bin/sleep /tmp/train.py && /tmp/train.py 600")
+    gpusim.start_process(slice_uuid, 6000, pid=pid)
     hub.spawn("bo", "mig-1g")
     before = _last_activity(hub, "ann")
     deadline = time.monotonic() + 90
@@ -132,6 +156,16 @@ def test_a_server_computing_on_its_slice_is_not_culled_with_the_browser_closed(
         time.sleep(1)
     assert hub.server_model("ann") is not None, "ann's server computing was culled"
     assert _last_activity(hub, "ann") > before
+    # The admin service maps the pid to ann's container (the kernel's cgroup of the pid):
+    # JSON, page and metrics say whose process it is, and that her slice is not idle.
+    gpus = {d["uuid"]: d for d in with_token(hub, tokens.dashboard, "api/gpus").json()}
+    assert gpus[slice_uuid]["processes"] == [{
+        "pid": pid, "used_mib": 6000, "container_id": ann.id, "container": ann.name,
+        "user": "ann", "server": "", "hub": "e2e", "holder": True}]
+    assert gpus[slice_uuid]["idle_seconds"] == 0
+    scraped = with_token(hub, tokens.prometheus, "metrics").text
+    assert (f'gpuspawner_device_idle_seconds{{device="{slice_uuid}",slot="'
+            f'{gpus[slice_uuid]["slot"]}",user="ann"}} 0.0') in scraped, scraped[-3000:]
     nvidia_smi = ann.exec_run(["nvidia-smi", "-L"])
     lines = nvidia_smi.output.decode().splitlines()
     assert nvidia_smi.exit_code == 0 and len(lines) == 2 and slice_uuid in lines[1], lines

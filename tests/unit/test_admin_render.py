@@ -395,7 +395,8 @@ def test_a_busy_slice_and_a_slice_at_work_show_what_runs_on_them(snap):
                    and a.uuids[0].startswith("MIG-"))
     taken = {u for a in snap.allocations for u in a.uuids}
     idle = next(m for m in snap.inventory.migs if m.uuid not in taken)
-    work = {running.uuids[0]: (GpuProcess(31337, 6000),), idle.uuid: (GpuProcess(666, 2048),)}
+    work = {running.uuids[0]: (GpuProcess(31337, 6000, running.container_id),),
+            idle.uuid: (GpuProcess(666, 2048),)}
     inv = replace(snap.inventory, migs=tuple(
         replace(m, processes=work[m.uuid], memory_used_mib=sum(p.used_mib for p in work[m.uuid]))
         if m.uuid in work else m for m in snap.inventory.migs))
@@ -404,7 +405,7 @@ def test_a_busy_slice_and_a_slice_at_work_show_what_runs_on_them(snap):
     parsed.feed(text)
     blocks = by_uuid(parsed)
     assert blocks[idle.uuid]["data-state"] == "busy"
-    assert "pid 666: 2048 MiB" in blocks[idle.uuid]["title"]
+    assert "pid 666 · no container · 2.0 GiB" in blocks[idle.uuid]["title"]
     assert "busy: 1 process, 2.0 GiB in use, no running container holds it" in (
         blocks[idle.uuid]["title"])
     assert blocks[running.uuids[0]]["data-state"] == "running"
@@ -413,6 +414,29 @@ def test_a_busy_slice_and_a_slice_at_work_show_what_runs_on_them(snap):
     memory = next(m for m in inv.migs if m.uuid == running.uuids[0]).memory_mib
     assert f'class="mem-bar" style="width: {round(100 * 6000 / memory)}%"' in at_work
     assert f"5.9/{memory / 1024:.1f} GiB · 1 process" in at_work
+    # The process is the holder's (its cgroup names the holder's container): its user shows.
+    assert f"pid 31337 · {running.user} · 5.9 GiB" in blocks[running.uuids[0]]["title"]
     quiet = re.search(
         rf'data-uuid="{snap.inventory.gpus[48].uuid}".*?</button>', text, re.S).group(0)  # type: ignore
     assert "mem-bar" not in quiet and "activity" not in quiet
+
+
+def test_a_held_slice_without_a_process_says_how_long_it_has_been_idle(snap):
+    """The idle clock (``Snapshot.work_since``, kept by the admin service) shows on a held
+    device that runs nothing, to the minute; a free device shows no idle time."""
+    running = next(a for a in snap.allocations if a.state == RUNNING and a.uuids
+                   and a.uuids[0].startswith("MIG-"))
+    taken = {u for a in snap.allocations for u in a.uuids}
+    free = next(m for m in snap.inventory.migs if m.uuid not in taken)
+    quiet = {running.uuids[0], free.uuid}
+    inv = replace(snap.inventory, migs=tuple(
+        replace(m, memory_used_mib=0) if m.uuid in quiet else m for m in snap.inventory.migs))
+    since = {uuid: snap.taken_at - timedelta(hours=2, minutes=5, seconds=17) for uuid in quiet}
+    text = Renderer().overview(page(), replace(snap, inventory=inv, work_since=since), "lab")
+    parsed = Slices()
+    parsed.feed(text)
+    blocks = by_uuid(parsed)
+    assert "idle 2h5m" in blocks[running.uuids[0]]["title"]
+    assert "idle" not in blocks[free.uuid]["title"]
+    views = {v.uuid: v for v in replace(snap, inventory=inv, work_since=since).devices()}
+    assert views[running.uuids[0]].idle_seconds == 2 * 3600 + 5 * 60 + 17

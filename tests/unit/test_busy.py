@@ -12,7 +12,7 @@ from gpuspawner import allocator, health
 from gpuspawner.allocator import Choice, Refusal, choose, free_by_profile
 from gpuspawner.policy import Policy
 from gpuspawner.records import HELD, GpuProcess, Inventory
-from gpuspawner.snapshot import Snapshot
+from gpuspawner.snapshot import ProcessView, Snapshot
 
 from .hosts import Request, holding, host, limits, stopped
 
@@ -50,7 +50,8 @@ def test_a_slice_with_a_process_and_no_container_is_skipped_and_shown_busy():
     view = {v.uuid: v for v in snap(inv).devices()}[zombie.uuid]
     assert view.state == "busy"
     assert view.reason == "busy: 1 process, 7.9 GiB in use, no running container holds it"
-    assert view.processes == ZOMBIE and view.memory_used_mib == 8090
+    assert view.processes == (ProcessView(4242, 8090),) and view.memory_used_mib == 8090
+    assert view.processes[0].owner_words() == "no container"
     assert free_by_profile(inv, [])["1g.10gb"] == (8, 9)  # in the total, never free
 
 
@@ -150,6 +151,41 @@ def test_idle_stops_count_from_the_last_gpu_work_and_follow_the_policy():
     assert (stop.idle, stop.timeout) == (3601.0, 3600.0)  # bo's group: never
     gone = replace(world, allocations=(bo,))
     assert idle_stops(gone, last, 9000.0, groups) == [] and ann.container_id not in last
+
+
+def test_the_idle_clock_counts_from_the_last_work_and_restarts_with_a_new_holder():
+    """``note_work``: a device's idle time runs from the last read that listed a compute
+    process on it; a device first seen counts from that read; a new holder starts its own
+    clock; an older read arriving late changes nothing; NVML silent: no clock."""
+    from datetime import timedelta
+
+    from gpuspawner.admin.activity import note_work
+
+    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    ann = holding(one, "ann")
+    uuid = one.uuids[0]
+    quiet = with_activity(A100, {m.uuid for m in A100.migs} | {g.uuid for g in A100.gpus},
+                          processes=(), used=0)
+    working = with_activity(quiet, {uuid})
+    t0 = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
+
+    def at(minutes: float, inventory=quiet, allocations=(ann,)):
+        return replace(snap(inventory, allocations), taken_at=t0 + timedelta(minutes=minutes))
+
+    seen: dict = {}
+    assert note_work(at(0), seen)[uuid] == t0  # first seen: counts from this read
+    assert note_work(at(10, working), seen)[uuid] == t0 + timedelta(minutes=10)
+    later = at(70)
+    assert note_work(later, seen)[uuid] == t0 + timedelta(minutes=10)
+    views = {v.uuid: v for v in replace(later, work_since=note_work(later, seen)).devices()}
+    assert views[uuid].idle_seconds == 60 * 60
+    assert note_work(at(5), seen)[uuid] == t0 + timedelta(minutes=10)  # late, older read
+    two = choose(A100, [], limits(), Request("bo", mig_profile="1g.10gb"))
+    bo = holding(two, "bo")
+    assert two.uuids[0] == uuid  # the same slice, now bo's
+    assert note_work(at(80, allocations=(bo,)), seen)[uuid] == t0 + timedelta(minutes=80)
+    assert uuid not in note_work(at(90, A100, (bo,)), seen)  # NVML says nothing: no clock
+    assert uuid not in seen
 
 
 def test_the_next_spawn_page_says_why_the_server_was_stopped():
