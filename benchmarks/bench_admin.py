@@ -14,7 +14,9 @@ share of that budget):
   runs a compute process, and one free slice in twenty is busy (a zombie); and the activity
   sweep the service runs every minute: an NVML read of every GPU and MIG device with their
   memory and processes (through the simulator's pynvml, tests/gpusim: Python's cost per call,
-  not a driver's), then who is active and who idled past a limit (``admin/activity.py``).
+  not a driver's), each process mapped to its container (``procs``: real host processes, a
+  real ``/proc`` read each), then who is active, who idled past a limit and every device's
+  idle clock (``admin/activity.py``).
 
     .venv/bin/python benchmarks/bench_admin.py [--gpus 50] [--containers 500] [--repeat 30]
 """
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,27 +151,40 @@ def with_activity(inventory: Inventory) -> Inventory:
 
 def sweep_figures(gpus: int, repeat: int, snap: Snapshot) -> list[tuple[str, Any, None]]:
     """The activity sweep: NVML read through the simulator with processes on a third of the
-    MIG devices, and the pure decisions on the snapshot."""
+    MIG devices, each a real process of this host (so mapping its pid to a container reads a
+    real ``/proc/<pid>/cgroup``), and the pure decisions on the snapshot."""
     from gpuspawner import inventory as inventory_mod
+    from gpuspawner import procs
     from gpuspawner.admin import activity
     from tests import gpusim
 
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "state.json"
-        os.environ["GPUSIM_STATE"] = str(state)
-        sim = gpusim.Simulator(state)
-        sim.install(topology(gpus))
-        for n, uuid in enumerate(sim.mig_uuids()):
-            if n % 3 == 0:
-                sim.start_process(uuid, 4000)
-        nvml = gpusim.load_fake_nvml()
-        read = median_ms(lambda: inventory_mod.read_nvml(nvml), max(3, repeat // 5))
+    sleepers: list[subprocess.Popen[bytes]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp) / "state.json"
+            os.environ["GPUSIM_STATE"] = str(state)
+            sim = gpusim.Simulator(state)
+            sim.install(topology(gpus))
+            for n, uuid in enumerate(sim.mig_uuids()):
+                if n % 3 == 0:
+                    sleepers.append(subprocess.Popen(["sleep", "600"]))
+                    sim.start_process(uuid, 4000, pid=sleepers[-1].pid)
+            nvml = gpusim.load_fake_nvml()
+            read = median_ms(lambda: inventory_mod.read_nvml(nvml), max(3, repeat // 5))
+            pids = [p.pid for p in sleepers]
+            mapping = median_ms(lambda: [procs.container_of(pid) for pid in pids], repeat)
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
     last: dict[str, float] = {}
+    seen: activity.WorkSeen = {}
     return [
         ("activity: NVML read, all devices", read, None),
-        ("activity: active servers + idle", median_ms(
-            lambda: (activity.active_servers(snap), activity.idle_stops(snap, last, 0.0, {})),
-            repeat), None),
+        (f"  of which pid -> container ({len(pids)})", mapping, None),
+        ("activity: active, idle, idle clock", median_ms(
+            lambda: (activity.active_servers(snap), activity.idle_stops(snap, last, 0.0, {}),
+                     activity.note_work(snap, seen)), repeat), None),
     ]
 
 

@@ -271,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
                      help="the hub's GPUSpawner.busy_memory_mib: memory in use above which a "
                      "device no running container holds is busy (default: "
                      "GPUSPAWNER_BUSY_MEMORY_MIB or 1024)")
+    top.add_argument("--dcgm-url", default=env("GPUSPAWNER_DCGM_URL") or None,
+                     help="a dcgm-exporter's /metrics URL: utilization per MIG device, which "
+                     "NVML does not give (default: GPUSPAWNER_DCGM_URL; none: n/a)")
     sub = top.add_subparsers(dest="command", required=True)
     for name, (_, what) in COMMANDS.items():
         command = sub.add_parser(name, help=what, description=what)
@@ -311,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = World(docker_host=args.docker_host, policy=args.policy,
                       inventory_source=args.inventory, topology=args.topology,
                       start_timeout=args.start_timeout, hub_id=args.hub_id,
-                      busy_memory_mib=args.busy_memory_mib)
+                      busy_memory_mib=args.busy_memory_mib, dcgm_url=args.dcgm_url)
         world.policy()  # a broken policy file is a configuration error (2), for doctor too
         if args.command == "wait":
             return handler(args, world)  # an engine that is not up yet is what it waits for

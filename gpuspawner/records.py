@@ -92,9 +92,11 @@ class MigDevice(JSONRecord):
     total_slices: int  # compute slices of the parent GPU
     #: Why the device cannot be given out now (its GPU is unavailable), or None; see GPU.
     unavailable: str | None = None
-    #: Activity, as NVML reported it at this read; see GPU.
+    #: Activity, as NVML reported it at this read; see GPU. Utilization only where a
+    #: dcgm-exporter says (``dcgm``): NVML has none per MIG device.
     memory_used_mib: int | None = None
     processes: tuple[GpuProcess, ...] = ()
+    utilization: int | None = None
 
     @property
     def equivalents(self) -> float:

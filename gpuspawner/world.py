@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from . import inventory
+from . import dcgm, inventory
 from .admin import DEFAULT_HUB_ID
 from .ledger import RELEASABLE_STATUSES, Ledger, connect, remove_stopped, save
 from .policy import Policy, PolicyFile
@@ -83,9 +83,12 @@ class World:
         start_timeout: float = DEFAULT_START_TIMEOUT,
         hub_id: str = DEFAULT_HUB_ID,
         busy_memory_mib: int = 0,
+        dcgm_url: str | None = None,
     ) -> None:
         self.docker_host = docker_host
         self.busy_memory_mib = busy_memory_mib
+        #: A dcgm-exporter's ``/metrics``: utilization per MIG device (``dcgm``), or None.
+        self.dcgm_url = dcgm_url
         self.hub_id = hub_id
         self.inventory_source = inventory_source
         self.topology = topology
@@ -128,7 +131,8 @@ class World:
         if self._reader is None:
             self._reader = inventory.Reader(self.inventory_source, topology_file=self.topology,
                                             ttl=0.0)
-        return self._reader.read_blocking()
+        found = self._reader.read_blocking()
+        return dcgm.apply(found, dcgm.read(self.dcgm_url)) if self.dcgm_url else found
 
     _reader: inventory.Reader | None = None
 

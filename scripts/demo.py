@@ -32,7 +32,18 @@ from tests.engine import (  # noqa: E402
     terminate,
 )
 from tests.gpusim import FAKE_DIR, Simulator  # noqa: E402
-from tests.images import ensure_singleuser_image  # noqa: E402
+from tests.images import load_builder  # noqa: E402
+
+#: The demo's single-user image: docker/singleuser/Dockerfile (JupyterLab), built offline on
+#: the local Debian base by docker/build_images.py, as ``scripts/build-images.sh --local``.
+DEMO_IMAGE = "gpuspawner/singleuser:demo"
+#: The name a simulated training run has in its container (``ps``, ``docker top``).
+TRAINING = "/tmp/train.py"
+
+
+def build_image(client: docker.DockerClient) -> str:
+    """The JupyterLab image of docker/singleuser, built offline (cached after the first run)."""
+    return str(load_builder().build_singleuser_local(client, tag=DEMO_IMAGE, log=say).name)
 
 DEMO_ROOT = Path(os.environ.get("GPUSPAWNER_DEMO_ROOT", "/var/lib/gpuspawner-demo"))
 USERS = {"admin": "the lab admin", "ann": "a student", "bo": "a student", "cy": "a TA (staff)"}
@@ -99,17 +110,48 @@ def training(argv: list[str]) -> int:
         print(f"demo: {args.user} has no running GPU server; start one with a GPU profile")
         return 1
     state = sim.state()
+    holder = next(c for c in found if c.attrs["HostConfig"].get("DeviceRequests"))
     if args.action == "train":
-        pid = sim.start_process(devices[0], args.mib)
-        print(f"demo: training process {pid} runs on {args.user}'s {devices[0]} "
-              f"({args.mib} MiB); see the admin page, or 'nvidia-smi' in their terminal")
+        # A real process in the user's container, which NVML lists by its host pid: the
+        # admin page maps it back to the container and so to the user.
+        pid = start_training(client, holder.id)
+        sim.start_process(devices[0], args.mib, pid=pid)
+        print(f"demo: training process {pid} runs in {holder.name} on {args.user}'s "
+              f"{devices[0]} ({args.mib} MiB); see the admin page, or 'nvidia-smi' in "
+              "their terminal")
         return 0
     pids = {p["pid"] for g in state["gpus"] for d in [g, *g.get("mig_devices", [])]
             if d["uuid"] in devices for p in d.get("processes") or []}
     for pid in sorted(pids):
         sim.end_process(pid)
+        if TRAINING.encode() in _cmdline(pid):  # the real process in the container, by host pid
+            os.kill(pid, signal.SIGTERM)
     print(f"demo: ended {len(pids)} training process(es) of {args.user}")
     return 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def start_training(client: docker.DockerClient, container_id: str) -> int:
+    """Start a process named ``TRAINING`` (it sleeps) in the container; its host pid."""
+    api = client.api
+    command = f"cp /bin/sleep {TRAINING} && exec {TRAINING} infinity"
+    api.exec_start(api.exec_create(container_id, ["sh", "-c", command]), detach=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        top = api.top(container_id)
+        column = top["Titles"].index("PID")
+        found = [int(row[column]) for row in top["Processes"]
+                 if row[-1].startswith(TRAINING)]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise RuntimeError(f"the training process did not start in {container_id[:12]}")
 
 
 def started_by_this_demo(marker: bytes) -> list[int]:
@@ -199,12 +241,16 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)  # the terminal closed: stop as for Ctrl-C
+    # Ctrl-C stops the demo even where it came in ignored (started in the background of a
+    # script, which passes SIGINT on ignored): else nothing could stop it but a kill.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         say("demo: starting a private Docker engine with the simulated NVIDIA host ...")
         engine.start()
         Simulator(engine.state_path, engine.hook_log).install(args.topology)
-        say("demo: building the single-user image (offline; cached after the first run) ...")
-        image = ensure_singleuser_image(engine.client)
+        say("demo: building the JupyterLab image of docker/singleuser (offline; cached after "
+            "the first run) ...")
+        image = build_image(engine.client)
         work = DEMO_ROOT / "hub"
         work.mkdir(parents=True, exist_ok=True)
         (work / "policy.yaml").write_text(POLICY)

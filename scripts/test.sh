@@ -17,4 +17,4 @@ workers=${GPUSPAWNER_TEST_WORKERS:-2}
 if [[ $workers == 0 ]]; then
   exec .venv/bin/pytest -ra "$@"
 fi
-exec .venv/bin/pytest -ra -n "$workers" --dist loadgroup "$@"
+exec .venv/bin/pytest -ra -n "$workers" --dist loadfile "$@"

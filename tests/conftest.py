@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,17 +130,32 @@ def nvidia_default_singleuser_image(
 
 
 # ===================================================================================
-# Two workers (pytest-xdist, ``--dist loadgroup`` in scripts/test.sh): each worker runs its
-# own private engine (tests/engine.py, ``EnginePaths.from_env``) and publishes from its own
-# port range (tests/hub.py, ``PORT_RANGE``). A test file stays on one worker, so its
-# module fixtures are made once; the files that need the nvidia-default engine share one
-# worker, so only one such engine is built per run.
+# Two workers (pytest-xdist, scripts/test.sh): each worker runs its own private engine
+# (tests/engine.py, ``EnginePaths.from_env``) and publishes from its own port range
+# (tests/hub.py, ``PORT_RANGE``). A test file runs whole on one worker, so its module
+# fixtures are made once; the files that need the nvidia-default engine share a worker, so
+# only one such engine is built per run.
 # ===================================================================================
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        if any(name.startswith("nvidia_default") for name in fixtures):
-            group = "nvidia-default-engine"
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(name=group))
+def pytest_configure(config: pytest.Config) -> None:
+    """What the test bed starts (hubs, their services, the demo) is stopped as in life, with
+    SIGINT first: where this run came in with SIGINT ignored (started in the background of a
+    script), its children would inherit that and outlive every stop."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+#: Files that run on the same worker as each other: one scope for the scheduler.
+SHARED_WORKER = {"test_default_runtime.py": "nvidia-default-engine"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByFile(LoadFileScheduling):
+        """``--dist loadfile``, with the files of ``SHARED_WORKER`` as one."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_WORKER.get(path.rsplit("/", 1)[-1], path)
+
+    return ByFile(config, log)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 import docker
 
@@ -258,3 +260,18 @@ def ensure_env_image(client: docker.DockerClient, base: str, env: Mapping[str, s
     if _image_key(client, name) != key:
         _build(client, text, name, key)
     return name
+
+
+def load_builder() -> ModuleType:
+    """docker/build_images.py (offline builds of the repository's own Dockerfiles), loaded by
+    path: the repository's docker/ folder is not importable, ``import docker`` being the SDK."""
+    name = "gpuspawner_build_images"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "docker" / "build_images.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module

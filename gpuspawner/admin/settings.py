@@ -56,6 +56,9 @@ class Settings(JSONRecord):
     #: The hub's ``GPUSpawner.busy_memory_mib``: memory in use above which a device no
     #: running container holds is busy (0: the default).
     busy_memory_mib: int = 0
+    #: A dcgm-exporter's ``/metrics`` URL (``GPUSPAWNER_DCGM_URL``): utilization per MIG
+    #: device, which NVML does not give; None: shown as "n/a".
+    dcgm_url: str | None = None
     #: A holder whose last activity is older than this is listed as idle.
     idle_after: float = 3600.0
     #: Seconds between the page's refreshes.
@@ -102,6 +105,7 @@ class Settings(JSONRecord):
             start_timeout=_duration(env, "GPUSPAWNER_START_TIMEOUT",
                                     str(DEFAULT_START_TIMEOUT)),
             busy_memory_mib=_count(env, "GPUSPAWNER_BUSY_MEMORY_MIB", 0),
+            dcgm_url=env.get("GPUSPAWNER_DCGM_URL") or None,
             idle_after=_duration(env, "GPUSPAWNER_ADMIN_IDLE", "1h"),
             refresh=max(1.0, _duration(env, "GPUSPAWNER_ADMIN_REFRESH", "5s")),
             activity_interval=_duration(env, "GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL", "60s"),

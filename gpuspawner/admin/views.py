@@ -267,6 +267,8 @@ def activity(view: DeviceView) -> str:
         parts.append(f"{count} process{'' if count == 1 else 'es'}")
     if view.utilization is not None:
         parts.append(f"{view.utilization}% utilization")
+    elif view.kind == "mig" and memory:  # NVML has none per MIG device; dcgm-exporter may
+        parts.append("utilization n/a")
     if not view.processes and view.holders and view.idle_seconds is not None:
         parts.append(f"idle {idle_words(view.idle_seconds)}")
     return " · ".join(parts)

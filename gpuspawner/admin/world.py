@@ -22,5 +22,6 @@ class World(world.World):
             start_timeout=settings.start_timeout,
             hub_id=settings.hub_id,
             busy_memory_mib=settings.busy_memory_mib,
+            dcgm_url=settings.dcgm_url,
         )
         self.settings = settings

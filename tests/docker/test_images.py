@@ -12,14 +12,11 @@ base, offline, from .debs, an npm folder and wheels fetched on the host into the
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import docker
@@ -27,7 +24,7 @@ import pytest
 import yaml
 
 from ..engine import PrivateEngine
-from ..images import host_jupyterhub_version
+from ..images import host_jupyterhub_version, load_builder
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -36,20 +33,7 @@ SINGLEUSER_DOCKERFILE = REPO / "docker" / "singleuser" / "Dockerfile"
 CONFIG = REPO / "jupyterhub_config.py"
 
 
-def _load_builder() -> ModuleType:
-    """docker/build_images.py, by path: ``import docker`` is the Docker SDK, not that folder."""
-    name = "gpuspawner_build_images"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "docker" / "build_images.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-build_images = _load_builder()
+build_images = load_builder()
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +161,29 @@ def test_hub_image_builds_offline_and_runs_the_hubs_jupyterhub(
 
 
 @pytest.mark.docker
+def test_the_hub_container_with_the_hosts_pids_maps_a_gpu_process_to_its_container(
+    engine: PrivateEngine, hub_local: Any, base_image: str
+) -> None:
+    """The compose file gives the hub ``pid: host``: from inside the hub image, the host pid
+    of a process in a user's container (what NVML reports) names that container. Without
+    it the pid is not visible there, and the process is "no container", never a guess."""
+    api = engine.client.api
+    user = api.create_container(base_image, command=["sleep", "300"])
+    try:
+        api.start(user["Id"])
+        top = api.top(user["Id"])
+        [pid] = [int(row[top["Titles"].index("PID")]) for row in top["Processes"]]
+        script = ("python3 -c 'from gpuspawner.procs import container_of; "
+                  f"print(container_of({pid}))'")
+        code, out = _run(engine, hub_local.name, script, pid_mode="host")
+        assert (code, out.strip()) == (0, user["Id"])
+        code, out = _run(engine, hub_local.name, script)
+        assert (code, out.strip()) == (0, "None")
+    finally:
+        api.remove_container(user["Id"], force=True)
+
+
+@pytest.mark.docker
 def test_second_hub_build_is_found_in_the_engine(engine: PrivateEngine, hub_local: Any) -> None:
     again = build_images.build_hub_local(engine.client)
     assert not again.built
@@ -219,6 +226,7 @@ def test_compose_file_validates_and_wires_the_hub() -> None:
     assert "# GPUSPAWNER_INVENTORY: file" in COMPOSE_FILE.read_text()
     build = hub["build"]
     assert (Path(build["context"]) / build["dockerfile"]).resolve() == HUB_DOCKERFILE
+    assert hub["pid"] == "host"  # GPU processes mapped to their containers (docs/deploy.md)
 
 
 @pytest.mark.xfail("GPUSPAWNER_NETWORK" not in CONFIG.read_text(), strict=True,

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import docker
 import pytest
 import requests
 
@@ -112,6 +113,20 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
         else:
             raise AssertionError("ann's server did not become ready")
 
+        # A newcomer lands in JupyterLab (docker/singleuser's image), and a terminal there
+        # sees exactly the one MIG slice the spawner gave, through the toolkit's nvidia-smi.
+        student = requests.Session()
+        student.trust_env = False
+        login(student, url, "ann", "demo")
+        lab = student.get(f"{url}/user/ann/lab")
+        assert lab.status_code == 200 and "JupyterLab" in lab.text, lab.text[:500]
+        client = docker.DockerClient(base_url=f"unix://{DEMO_ROOT}/run/docker.sock")
+        [ann] = client.containers.list(filters={"label": "ds01.user=ann"})
+        assert ann.image.tags == ["gpuspawner/singleuser:demo"], ann.image.tags
+        listed = ann.exec_run(["nvidia-smi", "-L"]).output.decode().splitlines()
+        [given] = ann.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
+        assert len(listed) == 2 and given in listed[1], listed
+
         page = admin.get(f"{url}/services/gpu-allocations/")  # OAuth with the hub, as a browser
         assert page.status_code == 200 and "ann" in page.text, page.text[:500]
         allocations = admin.get(f"{url}/services/gpu-allocations/api/allocations")
@@ -133,6 +148,11 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
                 break
             time.sleep(0.5)
         assert len(seen["processes"]) == 1 and seen["memory_used_mib"] == 6000, seen
+        # A real process in ann's container: the page says whose it is.
+        [process] = seen["processes"]
+        assert (process["user"], process["container"], process["holder"]) == (
+            "ann", ann.name, True), process
+        assert any(row[-1].startswith("/tmp/train.py") for row in ann.top()["Processes"])
         # ... and the gpuspawner command the demo printed sees the same, on its engine.
         line = text.split("simulated GPUs:\n", 1)[1].splitlines()[0].strip()
         cli = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True,
@@ -140,6 +160,15 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
         assert cli.returncode == 0, cli.stderr
         row = next(r for r in cli.stdout.splitlines() if slice_uuid in r)
         assert row.split()[-5:] == ["running", "5.9/9.5", "GiB", "1", "ann"], row
+        # stop-training ends it: gone from NVML's list and from ann's container.
+        stopped = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/demo.py"), "stop-training", "ann"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0 and "ended 1 training" in stopped.stdout, stopped
+        deadline = time.monotonic() + 10
+        while any(r[-1].startswith("/tmp/train.py") for r in ann.top()["Processes"]):
+            assert time.monotonic() < deadline, ann.top()
+            time.sleep(0.2)
     finally:
         out.cut()  # tee is gone: every line the demo writes from now on meets a closed pipe
         demo.send_signal(signal.SIGINT)  # Ctrl-C
