@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from xml.etree import ElementTree
 
 import yaml
 
@@ -637,6 +638,95 @@ def parse_nvidia_smi(listing: str, query: str) -> Inventory:
             "re-creation matches slices by parent GPU and profile only"
         )
     return Inventory(tuple(gpus), tuple(migs), "nvidia-smi", driver, None, tuple(problems))
+
+
+def _mib_or_none(text: str | None) -> int | None:
+    """ "9728 MiB" -> 9728; "N/A", "[Insufficient Permissions]", absent -> None."""
+    digits = (text or "").replace("MiB", "").strip()
+    return int(digits) if digits.isdigit() else None
+
+
+def _percent_or_none(text: str | None) -> int | None:
+    digits = (text or "").replace("%", "").strip()
+    return int(digits) if digits.isdigit() else None
+
+
+def _id_or_none(text: str | None) -> int | None:
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def parse_nvidia_smi_xml(listing: str, report: str) -> Inventory:
+    """Build an inventory from ``nvidia-smi -L`` and ``nvidia-smi -q -x`` (pure).
+
+    What a host's own ``nvidia-smi`` says, where NVML cannot be called: the report of a probe
+    container on another host's engine (its output is all that crosses the network). ``-L``
+    gives the UUIDs and MIG profiles (the XML report has neither for MIG devices); the report
+    gives the rest, by GPU in index order and by MIG device index: MIG modes, memory,
+    GPU- and compute-instance ids, memory in use, compute processes (by the GPU- and
+    compute-instance ids of their MIG device) and a whole GPU's utilization. "N/A" is None,
+    as NVML's refusals are. InventoryError when the report is not XML or names other GPUs
+    than the listing.
+    """
+    base = parse_nvidia_smi(listing, "")
+    try:
+        root = ElementTree.fromstring(report)
+    except ElementTree.ParseError as exc:
+        raise InventoryError(f"nvidia-smi -q -x printed no XML report ({exc})") from exc
+    nodes = root.findall("gpu")
+    if [n.findtext("uuid", "").strip() for n in nodes] != [g.uuid for g in base.gpus]:
+        raise InventoryError("nvidia-smi -q -x and nvidia-smi -L name different GPUs "
+                             "(read while the GPUs changed?)")
+    gpus: list[GPU] = []
+    migs: list[MigDevice] = []
+    for gpu, node in zip(base.gpus, nodes, strict=True):
+        current = node.findtext("mig_mode/current_mig", "").strip().lower()
+        pending = node.findtext("mig_mode/pending_mig", "").strip().lower()
+        capable = current in ("enabled", "disabled")
+        mig_on = current == "enabled"
+        processes: dict[tuple[int | None, int | None], list[GpuProcess]] = {}
+        for info in node.findall("processes/process_info"):
+            pid = _id_or_none(info.findtext("pid"))
+            if pid is None:
+                continue
+            key = (_id_or_none(info.findtext("gpu_instance_id")),
+                   _id_or_none(info.findtext("compute_instance_id")))
+            processes.setdefault(key, []).append(GpuProcess(
+                pid, _mib_or_none(info.findtext("used_memory")) or 0, procs.container_of(pid)))
+        instances = {_id_or_none(m.findtext("index")): m
+                     for m in node.findall("mig_devices/mig_device")}
+        name = node.findtext("product_name", gpu.name).strip()
+        gpus.append(replace(
+            gpu, name=name,
+            memory_mib=_mib_or_none(node.findtext("fb_memory_usage/total")) or gpu.memory_mib,
+            mig_enabled=mig_on, mig_pending=(pending == "enabled") if capable else None,
+            total_slices=default_total_slices(name) if capable else 0,
+            memory_used_mib=(None if mig_on
+                             else _mib_or_none(node.findtext("fb_memory_usage/used"))),
+            processes=() if mig_on else tuple(processes.get((None, None), ())),
+            utilization=None if mig_on else _percent_or_none(
+                node.findtext("utilization/gpu_util")),
+        ))
+        for mig in (m for m in base.migs if m.parent_uuid == gpu.uuid):
+            instance = instances.get(int(mig.slot.split(".")[1]))
+            if instance is None:
+                migs.append(mig)
+                continue
+            gi = _id_or_none(instance.findtext("gpu_instance_id"))
+            ci = _id_or_none(instance.findtext("compute_instance_id"))
+            migs.append(replace(
+                mig, gi=gi, ci=ci,
+                memory_mib=_mib_or_none(instance.findtext("fb_memory_usage/total"))
+                or mig.memory_mib,
+                memory_used_mib=_mib_or_none(instance.findtext("fb_memory_usage/used")),
+                processes=tuple(processes.get((gi, ci), ())),
+            ))
+    problems = _mig_problems(gpus, migs)
+    if any(m.gi is None for m in migs):
+        problems.append("nvidia-smi -q -x did not list every MIG device of nvidia-smi -L: "
+                        "those are matched by parent GPU and profile only after a MIG change")
+    return Inventory(tuple(gpus), tuple(migs), "nvidia-smi", root.findtext("driver_version"),
+                     root.findtext("cuda_version"), tuple(problems))
 
 
 def read_nvidia_smi(binary: str = "nvidia-smi", run: Runner = _run) -> Inventory:
