@@ -665,8 +665,8 @@ def parse_nvidia_smi_xml(listing: str, report: str) -> Inventory:
     gives the rest, by GPU in index order and by MIG device index: MIG modes, memory,
     GPU- and compute-instance ids, memory in use, compute processes (by the GPU- and
     compute-instance ids of their MIG device) and a whole GPU's utilization. "N/A" is None,
-    as NVML's refusals are. InventoryError when the report is not XML or names other GPUs
-    than the listing.
+    as NVML's refusals are. Processes carry no container: their pids are the reporting
+    host's. InventoryError when the report is not XML or names other GPUs than the listing.
     """
     base = parse_nvidia_smi(listing, "")
     try:
@@ -691,8 +691,9 @@ def parse_nvidia_smi_xml(listing: str, report: str) -> Inventory:
                 continue
             key = (_id_or_none(info.findtext("gpu_instance_id")),
                    _id_or_none(info.findtext("compute_instance_id")))
+            # No container: the pid is the reporting host's, which may not be this one.
             processes.setdefault(key, []).append(GpuProcess(
-                pid, _mib_or_none(info.findtext("used_memory")) or 0, procs.container_of(pid)))
+                pid, _mib_or_none(info.findtext("used_memory")) or 0))
         instances = {_id_or_none(m.findtext("index")): m
                      for m in node.findall("mig_devices/mig_device")}
         name = node.findtext("product_name", gpu.name).strip()

@@ -14,7 +14,7 @@ import pytest
 
 from gpuspawner import inventory
 from gpuspawner.inventory import InventoryError, parse_nvidia_smi_xml
-from gpuspawner.records import GpuProcess
+from gpuspawner.records import GpuProcess, Inventory
 
 from ..gpusim import BIN_DIR, Simulator, load_fake_nvml
 
@@ -113,6 +113,15 @@ def test_a_broken_or_mismatched_report_is_an_error_that_says_so():
         parse_nvidia_smi_xml(LISTING, other)
 
 
+def view(inv: Inventory) -> tuple[list[tuple], list[tuple]]:
+    """Everything both backends read of a host, as plain tuples."""
+    return ([(g.index, g.uuid, g.name, g.memory_mib, g.mig_enabled, g.mig_pending,
+              g.total_slices, g.memory_used_mib, g.processes, g.utilization)
+             for g in inv.gpus],
+            [(m.slot, m.uuid, m.parent_uuid, m.gi, m.ci, m.profile, m.memory_mib,
+              m.slices, m.memory_used_mib, m.processes) for m in inv.migs])
+
+
 def _smi(*argv: str) -> str:
     return subprocess.run([str(BIN_DIR / "nvidia-smi"), *argv], capture_output=True,
                           text=True, check=True).stdout
@@ -127,13 +136,6 @@ def test_the_fake_nvidia_smis_report_and_nvml_agree_on_a_working_host(gpusim_loc
     gpusim_local.set_memory_used(migs[3], 2048)
     from_smi = parse_nvidia_smi_xml(_smi("-L"), _smi("-q", "-x"))
     from_nvml = inventory.read_nvml(load_fake_nvml())
-
-    def view(inv):
-        return ([(g.index, g.uuid, g.name, g.memory_mib, g.mig_enabled, g.mig_pending,
-                  g.total_slices, g.memory_used_mib, g.processes, g.utilization)
-                 for g in inv.gpus],
-                [(m.slot, m.uuid, m.parent_uuid, m.gi, m.ci, m.profile, m.memory_mib,
-                  m.slices, m.memory_used_mib, m.processes) for m in inv.migs])
 
     assert view(from_smi) == view(from_nvml)
     assert GpuProcess(first, 4000) in from_smi.migs[0].processes

@@ -1,0 +1,103 @@
+"""A host's GPUs, read through its Docker engine: for a host whose NVML the hub cannot call.
+
+NVML answers only on the machine whose driver it talks to. A hub serving several hosts
+reaches the others through their Docker engines alone, so it asks each engine to run a
+short-lived probe container that prints ``nvidia-smi -L`` and ``nvidia-smi -q -x``: the NVIDIA
+toolkit mounts the host's own ``nvidia-smi`` into any container given the ``utility``
+capability, whatever its image. ``inventory.parse_nvidia_smi_xml`` turns the two into the
+same records NVML gives.
+
+The probe asks for every GPU with the ``utility`` capability only (and
+``NVIDIA_MIG_MONITOR_DEVICES=all``, so MIG devices are listed): the ledger never counts such
+a request as holding a device (``ledger.device_facts``), so a probe never blocks a spawn. It
+runs without a network, is labelled ``ds01.interface=probe`` with its hub, and is removed
+when it ends, whatever happened; a probe a crashed hub left behind is removed by the next.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import docker
+import docker.errors
+
+from .inventory import InventoryError, parse_nvidia_smi_xml
+from .records import Inventory
+
+log = logging.getLogger(__name__)
+
+#: ``ds01.interface`` of a probe container (not a server: no ``ds01.managed``, no schema).
+INTERFACE = "probe"
+#: Between the two outputs in the probe's log.
+MARK = "=== gpuspawner probe: nvidia-smi -q -x ==="
+COMMAND = ["sh", "-c", f"nvidia-smi -L && echo '{MARK}' && nvidia-smi -q -x"]
+#: A probe older than this that is still there was left by a hub that died while it ran.
+STALE_SECONDS = 120.0
+
+
+def labels(hub_id: str) -> dict[str, str]:
+    return {"ds01.interface": INTERFACE, "ds01.hub": hub_id}
+
+
+def parse_output(text: str) -> Inventory:
+    """The probe's log: ``-L``, the mark, then the XML report (pure)."""
+    listing, mark, report = text.partition(MARK)
+    if not mark:
+        first = text.strip().splitlines()[:1]
+        raise InventoryError("the GPU probe printed no report"
+                             + (f": {first[0]}" if first else ""))
+    return parse_nvidia_smi_xml(listing, report.strip())
+
+
+def _remove_stale(client: Any, hub_id: str, now: datetime) -> None:
+    wanted = [f"{k}={v}" for k, v in labels(hub_id).items()]
+    for found in client.api.containers(all=True, filters={"label": wanted}):
+        created = datetime.fromtimestamp(int(found.get("Created") or 0), timezone.utc)
+        if (now - created).total_seconds() > STALE_SECONDS:
+            try:
+                client.api.remove_container(found["Id"], force=True)
+            except docker.errors.APIError as exc:
+                log.warning("removing a stale GPU probe %s failed: %s", found["Id"][:12], exc)
+
+
+def read(client: Any, image: str, hub_id: str, timeout: float = 60.0) -> Inventory:
+    """The GPUs of the host behind ``client``, from a probe container of ``image`` (any image
+    with ``sh``). Blocking: run it off the event loop. InventoryError with the reason when
+    the probe cannot run or prints no report (no NVIDIA runtime on that host, a driver that
+    does not answer); the container is gone either way."""
+    _remove_stale(client, hub_id, datetime.now(timezone.utc))
+    api = client.api
+    request = docker.types.DeviceRequest(driver="nvidia", count=-1,
+                                         capabilities=[["utility"]])
+    try:
+        created = api.create_container(
+            image, command=COMMAND, labels=labels(hub_id), network_disabled=True,
+            environment={"NVIDIA_MIG_MONITOR_DEVICES": "all"},
+            host_config=api.create_host_config(device_requests=[request]),
+        )
+    except docker.errors.APIError as exc:
+        raise InventoryError(f"the GPU probe could not be created: {exc.explanation}") from exc
+    cid = created["Id"]
+    try:
+        api.start(cid)
+        code = api.wait(cid, timeout=timeout)["StatusCode"]
+        out = api.logs(cid, stdout=True, stderr=False).decode("utf-8", "replace")
+        if code != 0:
+            err = api.logs(cid, stdout=False, stderr=True).decode("utf-8", "replace")
+            first = (err or out).strip().splitlines()[:1]
+            raise InventoryError(f"the GPU probe exited with {code}"
+                                 + (f": {first[0]}" if first else ""))
+        return parse_output(out)
+    except InventoryError:
+        raise
+    except docker.errors.APIError as exc:
+        raise InventoryError(f"the GPU probe failed: {exc.explanation}") from exc
+    except Exception as exc:  # a wait that timed out (requests' ReadTimeout, ...)
+        raise InventoryError(f"the GPU probe did not finish: {exc}") from exc
+    finally:
+        try:
+            api.remove_container(cid, force=True)
+        except docker.errors.APIError as exc:
+            log.warning("removing the GPU probe %s failed: %s", cid[:12], exc)
