@@ -39,6 +39,8 @@ DEFAULT_RUN_DIR = Path("/run/gpuspawner-test")
 DEFAULT_LIB_DIR = Path("/var/lib/gpuspawner-test")
 DEFAULT_BRIDGE = "gpsim0"
 DEFAULT_GATEWAY = "172.31.250.1/24"
+#: The engines a test session may start beside its own, by name (``EnginePaths.beside``).
+BESIDE = ("nvidia-default", "remote-h100")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -72,7 +74,7 @@ class EnginePaths:
             base = Path(root) if root else DEFAULT_LIB_DIR
             top = base.with_name(f"{base.name}-{worker}")
             return cls(top / "run", top / "lib" / "docker", bridge=f"gpsimw{number}",
-                       gateway_cidr=f"172.30.{10 + 2 * number}.1/24")
+                       gateway_cidr=f"172.30.{10 + 4 * number}.1/24")
         if not root:
             return cls(DEFAULT_RUN_DIR, DEFAULT_LIB_DIR / "docker")
         return cls.under(Path(root))
@@ -97,13 +99,17 @@ class EnginePaths:
     def beside(self, name: str) -> EnginePaths:
         """Paths for a second engine next to this one (``name`` under the same root), e.g. one
         with another default runtime: its own socket, data root, bridge and subnet."""
-        if self.bridge.startswith("gpsimw"):  # a worker's engine: the next subnet is its own
-            network = ipaddress.ip_interface(self.gateway_cidr).network
-            gateway = ipaddress.ip_address(int(network.network_address) + 256 + 1)
-            top = self.data_root.parent / name
-            return EnginePaths(top / "run", top / "lib" / "docker", bridge=f"{self.bridge}b",
-                               gateway_cidr=f"{gateway}/24")
-        return EnginePaths.under(self.data_root.parent / name, beside=self)
+        offset = BESIDE.index(name) + 1 if name in BESIDE else len(BESIDE) + 1
+        third = int(str(ipaddress.ip_interface(self.gateway_cidr).ip).split(".")[2])
+        if self.bridge.startswith("gpsimw"):  # a worker's engine: the next subnets are its own
+            third += offset
+        else:  # 172.31.200-250: another of that range, never this engine's nor a sibling's
+            third = 200 + (third - 200 + 17 * offset) % 50
+        top = self.data_root.parent / name
+        return EnginePaths(top / "run", top / "lib" / "docker",
+                           bridge=f"{self.bridge}{'bcd'[offset - 1]}",
+                           gateway_cidr=f"{self.gateway_cidr.split('.')[0]}."
+                                        f"{self.gateway_cidr.split('.')[1]}.{third}.1/24")
 
     @property
     def socket(self) -> Path:
@@ -186,6 +192,37 @@ def end_process(pid: int | None, name: bytes, timeout: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def make_certificates(where: Path) -> None:
+    """A CA, the engine's server certificate for 127.0.0.1, a client certificate from the same
+    CA, and one from a CA the engine does not know (``other-``), with openssl; kept once
+    made."""
+    if (where / "other-cert.pem").exists():
+        return
+    where.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*argv: str) -> None:
+        done = subprocess.run(["openssl", *argv], cwd=where, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise EngineError(f"openssl {argv[0]} failed: {done.stderr.strip()}")
+
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                "-keyout", f"{ca}-key.pem", "-out", f"{ca}.pem", "-subj", f"/CN=gpuspawner {ca}")
+    for name, ca, usage, subject in (
+        ("server", "ca", "serverAuth\nsubjectAltName=IP:127.0.0.1", "/CN=127.0.0.1"),
+        ("client", "ca", "clientAuth", "/CN=gpuspawner hub"),
+        ("other", "other-ca", "clientAuth", "/CN=someone else"),
+    ):
+        (where / f"{name}.ext").write_text(f"extendedKeyUsage={usage}\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-key.pem",
+                "-out", f"{name}.csr", "-subj", subject)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
+                f"{ca}-key.pem", "-CAcreateserial", "-days", "30", "-out",
+                f"{name}-cert.pem", "-extfile", f"{name}.ext")
+    (where / "cert.pem").write_bytes((where / "client-cert.pem").read_bytes())
+    (where / "key.pem").write_bytes((where / "client-key.pem").read_bytes())
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -211,6 +248,7 @@ class PrivateEngine:
         *,
         nvidia_runtime: bool = False,
         default_runtime: str | None = None,
+        tls_port: int | None = None,
     ) -> None:
         """``nvidia_runtime`` registers the simulator's ``nvidia-container-runtime`` as the
         ``nvidia`` runtime; ``default_runtime`` makes a runtime Docker's default (``nvidia``
@@ -221,6 +259,9 @@ class PrivateEngine:
         self.bridge = self.paths.bridge
         self.gateway_cidr = self.paths.gateway_cidr
         self.dockerd = dockerd or shutil.which("dockerd") or "/usr/sbin/dockerd"
+        #: Also listen on tcp://127.0.0.1:<tls_port>, TLS-verified both ways, with a CA and
+        #: certificates made for this engine (``tls_dir``): an engine as a remote host has it.
+        self.tls_port = tls_port
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_file: IO[str] | None = None
         self._client: docker.DockerClient | None = None
@@ -230,6 +271,16 @@ class PrivateEngine:
     @property
     def base_url(self) -> str:
         return f"unix://{self.paths.socket}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.tls_port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        """ca.pem; server-cert.pem, server-key.pem (the engine's); cert.pem, key.pem (a
+        client's, signed by the same CA); other-*.pem: a client signed by another CA."""
+        return self.paths.run_dir / "tls"
 
     @property
     def gateway(self) -> str:
@@ -417,6 +468,12 @@ class PrivateEngine:
             argv += ["--add-runtime", f"nvidia={BIN_DIR / 'nvidia-container-runtime'}"]
         if self.default_runtime:
             argv += ["--default-runtime", self.default_runtime]
+        if self.tls_port:
+            make_certificates(self.tls_dir)
+            argv += ["--host", self.tls_url, "--tlsverify",
+                     "--tlscacert", str(self.tls_dir / "ca.pem"),
+                     "--tlscert", str(self.tls_dir / "server-cert.pem"),
+                     "--tlskey", str(self.tls_dir / "server-key.pem")]
         with open(self.paths.log, "wb") as log:
             self._proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -607,14 +607,22 @@ def test_an_engine_beside_another_shares_no_bridge_or_subnet() -> None:
 
 
 def test_two_workers_engines_share_no_bridge_subnet_or_root() -> None:
-    """pytest-xdist workers each run an engine and its nvidia-default neighbour: four engines
-    in one run, none sharing a bridge, a subnet or a socket, whatever the root."""
+    """pytest-xdist workers each run an engine and its neighbours (nvidia-default, a remote
+    host): six engines in one run, none sharing a bridge, a subnet or a socket, whatever the
+    root."""
     for root in ({}, {"GPUSPAWNER_TEST_ROOT": "/var/lib/elsewhere"}):
         engines = []
         for worker in ("gw0", "gw1"):
             main = EnginePaths.from_env({**root, "PYTEST_XDIST_WORKER": worker})
-            engines += [main, main.beside("nvidia-default")]
+            engines += [main, main.beside("nvidia-default"), main.beside("remote-h100")]
         for attribute in ("bridge", "gateway_cidr", "socket", "data_root"):
             values = [getattr(paths, attribute) for paths in engines]
-            assert len(set(values)) == 4, (attribute, values)
+            assert len(set(values)) == 6, (attribute, values)
         assert all(len(str(paths.socket)) < 100 for paths in engines)  # a unix socket's limit
+
+
+def test_one_sessions_neighbour_engines_share_no_bridge_or_subnet() -> None:
+    for environ in ({}, {"GPUSPAWNER_TEST_ROOT": "/var/lib/elsewhere"}):
+        main = EnginePaths.from_env(environ)
+        engines = [main, main.beside("nvidia-default"), main.beside("remote-h100")]
+        assert len({p.bridge for p in engines}) == len({p.gateway_cidr for p in engines}) == 3
