@@ -321,6 +321,20 @@ class PrivateEngine:
             self._ensure_bridge()
             self.paths.hook_log.write_text("")
             self._launch(timeout)
+            if not self._bridge_addressed():
+                # The data root remembers the bridge's subnet of an earlier run, and dockerd
+                # puts that back on the bridge: this engine's paths changed since (another
+                # subnet). Forget the remembered networks, once, and start again.
+                terminate(self._proc, timeout)
+                self._proc = None
+                (self.paths.data_root / "network" / "files" / "local-kv.db").unlink(
+                    missing_ok=True)
+                self._remove_bridge()
+                self._ensure_bridge()
+                self._launch(timeout)
+                if not self._bridge_addressed():
+                    raise EngineError(f"dockerd did not keep {self.gateway_cidr} on "
+                                      f"{self.bridge}:\n{self.log_tail()}")
             self._client = docker.DockerClient(base_url=self.base_url, timeout=300)
         except BaseException:
             self.stop()
@@ -443,6 +457,12 @@ class PrivateEngine:
                     f"cannot address bridge {self.bridge}: {added.stderr.strip()}"
                 )
         _run("ip", "link", "set", "dev", self.bridge, "up")
+
+    def _bridge_addressed(self) -> bool:
+        """The bridge has this engine's gateway, and no other IPv4 address."""
+        shown = _run("ip", "-o", "-4", "addr", "show", "dev", self.bridge).stdout.split()
+        found = [shown[i + 1] for i, word in enumerate(shown[:-1]) if word == "inet"]
+        return found == [self.gateway_cidr]
 
     def _remove_bridge(self) -> None:
         _run("ip", "link", "del", "dev", self.bridge)
