@@ -58,14 +58,23 @@ def parse(text: str) -> Utilization:
     return {**fallback, **found}
 
 
+#: The last failure logged per URL: a page polled every few seconds logs a failure once,
+#: and again only when it changes or after a success.
+_failing: dict[str, str] = {}
+
+
 def read(url: str, timeout: float = 2.0) -> Utilization:
-    """``parse`` of what ``url`` serves; {} (logged) when it cannot be read."""
+    """``parse`` of what ``url`` serves; {} (logged once per failure) when it cannot be read."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - admin's URL
-            return parse(response.read().decode("utf-8", "replace"))
+            found = parse(response.read().decode("utf-8", "replace"))
     except (OSError, ValueError) as exc:
-        log.warning("dcgm-exporter at %s could not be read: %s", url, exc)
+        if _failing.get(url) != str(exc):
+            _failing[url] = str(exc)
+            log.warning("dcgm-exporter at %s could not be read: %s", url, exc)
         return {}
+    _failing.pop(url, None)
+    return found
 
 
 def apply(inventory: Inventory, utilization: Utilization) -> Inventory:

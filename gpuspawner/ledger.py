@@ -63,8 +63,10 @@ def classify(
         if created_at is not None and (now - created_at).total_seconds() < start_timeout:
             return CREATED
         return FAILED
-    if not managed:
-        return EXPIRED  # an unmanaged holder holds its devices only while it runs
+    if not managed or docker_status == "removing":
+        # An unmanaged holder holds its devices only while it runs; a container Docker is
+        # removing (``remove=True``'s auto-removal) never runs again: nothing to hold for.
+        return EXPIRED
     if finished_at is not None and now < finished_at + timedelta(seconds=hold_seconds):
         return HELD
     return EXPIRED

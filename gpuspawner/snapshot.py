@@ -36,9 +36,10 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 @dataclass(frozen=True)
 class ProcessView(JSONRecord):
     """A compute process on a device, and whose it is: the container the kernel puts it in
-    (``procs``) and that container's labels. ``holder``: that container holds this device
-    (Docker's device requests); False for a process outside any container, or in one that
-    does not hold the device (a runtime that hands GPUs out by environment)."""
+    (``procs``) and that container's labels. ``holder``: that container holds this device,
+    or the whole GPU of this MIG device (Docker's device requests); False for a process
+    outside any container, or in one that does not hold the device (a runtime that hands
+    GPUs out by environment)."""
 
     pid: int
     used_mib: int
@@ -240,7 +241,10 @@ class Snapshot:
                         if state == BUSY else None),
                     memory_used_mib=device.memory_used_mib,
                     memory_mib=device.memory_mib,
-                    processes=tuple(self._process_view(p, own, by_id) for p in device.processes),
+                    # A process's container holds the device itself or, for a MIG device,
+                    # its whole GPU: both are Docker's word that it may run there.
+                    processes=tuple(self._process_view(p, blockers, by_id)
+                                    for p in device.processes),
                     utilization=getattr(device, "utilization", None),
                     idle_seconds=self._idle(device),
                 )

@@ -200,3 +200,25 @@ def test_the_next_spawn_page_says_why_the_server_was_stopped():
     assert events.idle_stopped(log, "bo", "") is None
     again = [*log, {"event": "container.start", "user": "ann", "server": ""}]
     assert events.idle_stopped(again, "ann", "") is None  # told once: it started since
+
+
+def test_a_process_is_its_containers_and_says_when_that_container_does_not_hold_the_device():
+    """Whose a process is, from its container (the kernel's word) and Docker's device
+    requests: the slice's holder, the holder of the slice's whole GPU, or a container that
+    holds neither (a runtime handing GPUs out by environment)."""
+    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    ann = holding(one, "ann", server="train")
+    slice_ = next(m for m in A100.migs if m.uuid == one.uuids[0])
+    whole = replace(holding(one, "bo"), uuids=(slice_.parent_uuid,), slots=("0",))
+    other = choose(A100, [ann], limits(), Request("cy", mig_profile="1g.10gb"))
+    cy = holding(other, "cy")
+    processes = (GpuProcess(10, 1000, ann.container_id), GpuProcess(11, 1000, whole.container_id),
+                 GpuProcess(12, 1000, cy.container_id), GpuProcess(13, 1000, "f" * 64))
+    inv = with_activity(A100, {slice_.uuid}, processes=processes)
+    [view] = [v for v in snap(inv, [ann, whole, cy]).devices() if v.uuid == slice_.uuid]
+    assert [(p.pid, p.user, p.holder, p.owner_words()) for p in view.processes] == [
+        (10, "ann", True, "ann/train"),
+        (11, "bo", True, "bo"),
+        (12, "cy", False, "cy (not its holder)"),
+        (13, None, False, f"container {'f' * 12} (not its holder)"),
+    ]

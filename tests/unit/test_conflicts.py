@@ -370,3 +370,19 @@ def test_the_hubs_start_timeout_and_hub_id_reach_the_service_and_the_cli(
     monkeypatch.delenv("GPUSPAWNER_HUB_ID")
     args = cli.parser().parse_args(["status"])
     assert (args.start_timeout, args.hub_id) == (60.0, "jupyterhub")
+
+
+def test_a_container_docker_is_removing_holds_nothing():
+    """``remove=True`` is Docker's auto-removal, still running when the stop returns: such
+    a container never runs again, so its devices are free at once, never a hold."""
+    from datetime import datetime, timedelta, timezone
+
+    from gpuspawner.ledger import classify
+    from gpuspawner.records import EXPIRED, HELD
+
+    now = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
+    facts = {"managed": True, "created_at": now - timedelta(minutes=5),
+             "finished_at": now - timedelta(seconds=1), "hold_seconds": 600.0,
+             "start_timeout": 120.0, "now": now}
+    assert classify("exited", **facts) == HELD  # the rule for a stop: held
+    assert classify("removing", **facts) == EXPIRED
