@@ -29,6 +29,7 @@ from tests.engine import (  # noqa: E402
     PrivateEngine,
     alive,
     end_process,
+    start_sleeper,
     terminate,
 )
 from tests.gpusim import FAKE_DIR, Simulator  # noqa: E402
@@ -114,7 +115,7 @@ def training(argv: list[str]) -> int:
     if args.action == "train":
         # A real process in the user's container, which NVML lists by its host pid: the
         # admin page maps it back to the container and so to the user.
-        pid = start_training(client, holder.id)
+        pid = start_sleeper(client, holder.id, TRAINING)
         sim.start_process(devices[0], args.mib, pid=pid)
         print(f"demo: training process {pid} runs in {holder.name} on {args.user}'s "
               f"{devices[0]} ({args.mib} MiB); see the admin page, or 'nvidia-smi' in "
@@ -124,34 +125,9 @@ def training(argv: list[str]) -> int:
             if d["uuid"] in devices for p in d.get("processes") or []}
     for pid in sorted(pids):
         sim.end_process(pid)
-        if TRAINING.encode() in _cmdline(pid):  # the real process in the container, by host pid
-            os.kill(pid, signal.SIGTERM)
+        end_process(pid, TRAINING.encode())  # the real process in the container, by host pid
     print(f"demo: ended {len(pids)} training process(es) of {args.user}")
     return 0
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def start_training(client: docker.DockerClient, container_id: str) -> int:
-    """Start a process named ``TRAINING`` (it sleeps) in the container; its host pid."""
-    api = client.api
-    command = f"cp /bin/sleep {TRAINING} && exec {TRAINING} infinity"
-    api.exec_start(api.exec_create(container_id, ["sh", "-c", command]), detach=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        top = api.top(container_id)
-        column = top["Titles"].index("PID")
-        found = [int(row[column]) for row in top["Processes"]
-                 if row[-1].startswith(TRAINING)]
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    raise RuntimeError(f"the training process did not start in {container_id[:12]}")
 
 
 def started_by_this_demo(marker: bytes) -> list[int]:

@@ -192,6 +192,24 @@ def end_process(pid: int | None, name: bytes, timeout: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def start_sleeper(client: docker.DockerClient, container_id: str, program: str) -> int:
+    """Start a process named ``program`` (a copy of ``sleep``, so ``ps`` and NVML's pid name
+    it) in the background in a running container; its host pid, found through Docker's
+    ``top`` (host pids). What a user's training run is to the simulator."""
+    api = client.api
+    command = f"cp /bin/sleep {program} && exec {program} infinity"
+    api.exec_start(api.exec_create(container_id, ["sh", "-c", command]), detach=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        top = api.top(container_id)
+        column = top["Titles"].index("PID")
+        found = [int(row[column]) for row in top["Processes"] if row[-1].startswith(program)]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    raise EngineError(f"{program} did not start in {container_id[:12]}")
+
+
 def make_certificates(where: Path) -> None:
     """A CA, the engine's server certificate for 127.0.0.1, a client certificate from the same
     CA, and one from a CA the engine does not know (``other-``), with openssl; kept once

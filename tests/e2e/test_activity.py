@@ -15,6 +15,7 @@ import pytest
 
 from gpuspawner import inventory
 
+from ..engine import start_sleeper
 from ..hub import login
 from .conftest import MakeHub
 from .test_admin import Tokens, admin_config, with_token
@@ -98,24 +99,6 @@ def test_zombie_slices_are_avoided_and_shown_busy(
     assert bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [zombies[0].uuid]
 
 
-def start_in(engine: Any, container_id: str, command: str) -> int:
-    """Start ``command`` in the background in a running container; its host pid (what NVML
-    reports), found through Docker's ``top`` (host pids) by its marker name."""
-    api = engine.client.api
-    api.exec_start(api.exec_create(container_id, ["sh", "-c", f"({command}) >/dev/null 2>&1 &"]),
-                   detach=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        top = api.top(container_id)
-        column = top["Titles"].index("PID")
-        found = [int(row[column]) for row in top["Processes"]
-                 if "/tmp/train.py" in row[-1] and "cp " not in row[-1]]
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    raise AssertionError(f"{command!r} did not start in {container_id[:12]}")
-
-
 def _last_activity(hub: Any, user: str, server: str = "") -> str:
     model = hub.server_model(user, server)
     assert model is not None, f"{user}/{server} is not running"
@@ -146,7 +129,7 @@ def test_a_server_computing_on_its_slice_is_not_culled_with_the_browser_closed(
     [slice_uuid] = ann.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
     # A training run in ann's terminal: a real process in her container, which NVML lists
     # on her slice by its host pid.
-    pid = start_in(engine, ann.id, "cp /bin/sleep /tmp/train.py && /tmp/train.py 600")
+    pid = start_sleeper(engine.client, ann.id, "/tmp/train.py")
     gpusim.start_process(slice_uuid, 6000, pid=pid)
     hub.spawn("bo", "mig-1g")
     before = _last_activity(hub, "ann")
