@@ -6,7 +6,9 @@ the simulated NVIDIA host (tests/gpusim: enough 1g.10gb MIG slices for every con
 user), spawning the same single-user image (tests/images.py) with the same configuration:
 image, cmd, ``remove = True``, the default bridge network, ``start_timeout``,
 ``http_timeout``, ``poll_interval`` and log level. GPUSpawner's spawns ask for profile
-``mig-1g`` (a MIG slice, so its allocation really runs); DockerSpawner's ask for nothing.
+``mig-1g`` (a MIG slice, so its allocation really runs); DockerSpawner's servers get a slice
+each too, written into its config as a lab without gpuspawner does (``FIXED_SLICE``), so
+both start the same containers and the simulated NVIDIA hook runs on both sides.
 
 The engine holds a fleet of ``--fleet`` stopped CPU-only containers first, like a lab's
 history (benchmarks/engine_fleet.py makes and reuses them; 60% exited and 25% created with
@@ -83,6 +85,24 @@ c.Spawner.http_timeout = 600
 """
 SPAWNER_CLASS = {GPU: "benchmarks.spawn_timing.TimedGPUSpawner",
                  DOCKER: "benchmarks.spawn_timing.TimedDockerSpawner"}
+#: DockerSpawner's servers get a MIG slice too, fixed per user as a lab without gpuspawner
+#: writes it by hand (the k-th user of a burst the k-th slice), so both sides start the same
+#: containers and the NVIDIA hook's work counts on both: the difference is gpuspawner's own.
+FIXED_SLICE = f"""\
+import re
+import docker.types
+
+
+def _fixed_slice(spawner):
+    digits = re.findall(r"\\d+", spawner.user.name)
+    k = int(digits[-1]) if digits else 0
+    uuid = "MIG-%04x%04x-beef-4000-8000-000000000000" % divmod(k, {SLICES_PER_GPU})
+    return {{"device_requests": [docker.types.DeviceRequest(
+        driver="nvidia", device_ids=[uuid], capabilities=[["gpu"]])]}}
+
+
+c.DockerSpawner.extra_host_config = _fixed_slice
+"""
 
 
 def sliced_host(gpus: int, slices: int = SLICES_PER_GPU) -> dict[str, Any]:
@@ -678,6 +698,8 @@ def run(args: argparse.Namespace) -> int:
             folder = workdir / label.lower()
             timings = folder / "timings.jsonl"
             config = COMMON + f"c.JupyterHub.spawner_class = {SPAWNER_CLASS[label]!r}\n"
+            if label == DOCKER:
+                config += FIXED_SLICE
             hub = RunningHub(engine, image, folder, config_extra=config,
                              env_extra={TIMINGS_ENV: str(timings), READY_ENV: args.readiness})
             hubs.append(hub)

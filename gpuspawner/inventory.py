@@ -947,6 +947,17 @@ class Reader:
             self._pending = None
             self._generation += 1
 
+    def begin(self) -> None:
+        """Start a read now, unless a kept result is fresh or a read runs: a caller that has
+        other waiting to do (Docker's lists) then finds it done, or nearly."""
+        self._start()
+
+    def latest(self) -> Inventory | None:
+        """The last good inventory, whatever its age; None before the first. For what only a
+        driver reload changes (its version, the CUDA version it supports)."""
+        with self._lock:
+            return self._last
+
     def _fresh(self) -> Inventory | None:
         if self._cached is not None and self.clock() - self._cached[0] < self.ttl:
             return self._cached[1]

@@ -5,7 +5,8 @@ Docker is the only record of who holds what. The ledger lists every container on
 cannot tell: the device requests of every container (inspected once, cached for good: a
 container's device requests never change), which say what it holds whatever its labels say,
 and the finish time of stopped managed containers (cached while the container stays
-stopped). In steady state a read is one API call.
+stopped). In steady state a full read is one API call; a spawn's read lists only what runs
+and what was made lately (``Ledger.read``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
 _LIVE_STATES = _RUNNING_STATES | {"created"}
 _STOPPED_STATES = frozenset({"exited", "dead", "removing"})
+
+#: What a live reading lists (``Ledger.read``).
+LIVE_ALL, LIVE_NEW, LIVE_RUNNING = "all", "new", "running"
 
 
 class LedgerError(RuntimeError):
@@ -153,6 +157,21 @@ def _split_ids(ids: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(uuids), tuple(slots)
 
 
+def anchors(
+    entries: Iterable[Mapping[str, Any]], before: float, keep: int = 3
+) -> tuple[str, ...]:
+    """The ids of the ``keep`` newest containers Docker made before ``before`` (epoch
+    seconds; Docker's list gives whole seconds), newest first (pure).
+
+    Docker's ``since`` filter on such a container lists every container made after it, at a
+    cost that grows with what it returns, not with the engine's whole history. Made before
+    ``before`` (a start time-out and more ago), every container that may still be starting
+    is after it. Several are kept because the newest may be removed."""
+    old = [entry for entry in entries if int(entry.get("Created") or 0) < before]
+    old.sort(key=lambda entry: int(entry.get("Created") or 0), reverse=True)
+    return tuple(entry["Id"] for entry in old[:keep])
+
+
 @dataclass(frozen=True)
 class Reading(JSONRecord):
     """One pass over the engine."""
@@ -180,6 +199,12 @@ class Ledger:
     #: inspecting one after another (benchmarks/bench_core.py --engine).
     concurrency = 8
 
+    #: Seconds beyond ``start_timeout`` a container must be older than to anchor Docker's
+    #: ``since`` filter: a created container made before the anchor is past its start
+    #: time-out (a failed start, never a rival), whatever the skew between the hub's clock
+    #: and a remote engine's.
+    anchor_slack = 60.0
+
     def __init__(
         self,
         client: docker.DockerClient | docker.APIClient,
@@ -199,6 +224,11 @@ class Ledger:
         self._view: list[dict[str, Any]] | None = None
         self._view_at = 0.0
         self._dirty: set[str] = set()  # forgotten since: inspected again by the next merge
+        #: ``since`` anchors from the last full list (``anchors``) and the first one's Docker
+        #: ``Created``: every container made after it is in a ``since`` list.
+        self._anchors: tuple[str, ...] = ()
+        self._anchor_created = 0
+        self._refreshing = False
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -218,46 +248,91 @@ class Ledger:
             self._finished.pop(container_id, None)
             self._dirty.add(container_id)
 
+    def view_age(self) -> float | None:
+        """Seconds since the last full list began; None before the first."""
+        with self._lock:
+            return None if self._view is None else time.monotonic() - self._view_at
+
+    def refresh(self) -> None:
+        """A full list, for the kept view (the spawner runs it off a spawn's path); at most
+        one at a time, a second call returns at once."""
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+        try:
+            self.read()
+        finally:
+            with self._lock:
+                self._refreshing = False
+
     def read(
         self,
         hold_for: Callable[[str | None], float] = lambda user: 0.0,
         now: datetime | None = None,
-        live_only: bool = False,
+        live: str = "",
         stopped_max_age: float = 0.0,
     ) -> Reading:
-        """Every container, or with ``live_only`` the created, running, paused and restarting
-        ones only (Docker filters: a lab's hundreds of stopped containers cost nothing). A
-        live-only reading holds no stopped container: it answers who runs or is starting on
-        a device (the race rule), not who holds one.
+        """Every container, or with ``live`` only containers that run or may start: it
+        answers who runs or is starting on a device (the race rule), not who holds one.
 
-        ``stopped_max_age``: the live containers from Docker now, and the stopped ones as the
-        last full list (at most this many seconds old) showed them, with each container that
-        was live then and is not now inspected. Who runs or starts on a device is exact;
-        only a container that was made *and* stopped since, or removed since, is seen up to
-        that late (a hold, which only delays a hand-out). At 1,000 mostly stopped
-        containers this is what keeps a spawn's read under the allocation lock cheap."""
+        - ``LIVE_ALL``: created, running, paused and restarting, whatever their age.
+        - ``LIVE_NEW``: those made after the anchor, one list: every spawn in flight of any
+          hub (a stopped container is started again through a new place-holder), not an
+          old container started by hand since.
+        - ``LIVE_RUNNING``: running, paused and restarting (Docker's plain list): all a
+          running container can lose to, by the race rule.
+
+        ``stopped_max_age``: what runs and every container made lately from Docker now, and
+        the older ones that do not run as the last full list (at most this many seconds old)
+        showed them, with each container that ran then and does not now inspected. Who runs
+        or starts on a device is exact; only an old container started *and* stopped since by
+        someone other than this hub, or removed since, is seen up to that late (a hold,
+        which only delays a hand-out).
+
+        Both list only what runs and what was made after the anchor (``anchors``): Docker
+        spends its time on each container it returns, and a lab's hundreds of stopped
+        containers would cost a spawn far more than its own work."""
+        if live not in ("", LIVE_ALL, LIVE_NEW, LIVE_RUNNING):
+            raise ValueError(f"unknown live reading {live!r}")
         now = now or datetime.now(timezone.utc)
-        calls = 1
+        calls = 0
         full = False
         with self._lock:
             view, view_at = self._view, self._view_at
-        if live_only or (stopped_max_age > 0 and view is not None
-                         and time.monotonic() - view_at < stopped_max_age):
-            listed = self._call("a container list", self.api.containers, all=True,
-                                filters={"status": sorted(_LIVE_STATES)})
-            if not live_only and view is not None:
+        use_view = (stopped_max_age > 0 and view is not None
+                    and time.monotonic() - view_at < stopped_max_age)
+        current = None
+        if live == LIVE_RUNNING:
+            current = (self._call("a container list", self.api.containers), 1)
+        elif live or use_view:
+            current = self._current(new_only=live == LIVE_NEW)
+        if current is not None:
+            listed, calls = current
+            if live:
+                listed = [entry for entry in listed if entry.get("State") in _LIVE_STATES]
+            else:
                 listed, used = self._merge(listed, view)
                 calls += used
+        elif live:  # no anchor (a young engine), or Docker refused it: filter by state
+            listed = self._call("a container list", self.api.containers, all=True,
+                                filters={"status": sorted(_LIVE_STATES)})
+            calls = 1
         else:
             began = time.monotonic()
             listed = self._call("a container list", self.api.containers, all=True)
-            full = True
+            calls, full = 1, True
         # Docker's "Exited … ago" texts are relative to the moment of the list.
         listed_at = datetime.now(timezone.utc)
         if full:
+            found = anchors(listed, listed_at.timestamp()
+                            - self.start_timeout - self.anchor_slack)
+            created = {entry["Id"]: int(entry.get("Created") or 0) for entry in listed}
             with self._lock:
                 self._view, self._view_at = list(listed), began
                 self._dirty.clear()
+                self._anchors = found
+                self._anchor_created = created[found[0]] if found else 0
         calls += self._learn([entry["Id"] for entry in listed])
         holds: dict[str | None, float] = {}
 
@@ -290,22 +365,68 @@ class Ledger:
         allocations.sort(key=lambda a: (a.user or "", a.server, a.container_name))
         return Reading(tuple(allocations), frozenset(bound), len(listed), calls, now)
 
+    def _current(self, new_only: bool = False) -> tuple[list[dict[str, Any]], int] | None:
+        """What runs (Docker's plain list: running, paused and restarting, whatever their
+        age; not with ``new_only``) and every container made after the first anchor,
+        whatever its state: each container once, and the number of calls. None without an
+        anchor, or when Docker refused it (removed since): the caller lists otherwise, and
+        the next full list chooses new anchors."""
+        with self._lock:
+            found = self._anchors
+        if not found:
+            return None
+        pool = None if new_only else ThreadPoolExecutor(1)
+        try:  # the two lists at once: dockerd answers both in the time of the longer
+            running = None if pool is None else pool.submit(
+                self._call, "a container list", self.api.containers)
+            calls = 0 if pool is None else 1
+            for anchor in found:  # an older anchor lists more, never less
+                calls += 1
+                recent = self._call("a container list", self._since, anchor)
+                if recent is not None:
+                    ids = {entry["Id"] for entry in recent}
+                    more = [] if running is None else running.result()
+                    return recent + [e for e in more if e["Id"] not in ids], calls
+                with self._lock:
+                    self._anchors = tuple(a for a in self._anchors if a != anchor)
+            if running is not None:
+                running.result()  # an engine that is down says so here
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False)
+        with self._lock:
+            self._view_at = 0.0  # no anchor left: the next read lists everything
+        return None
+
+    def _since(self, anchor: str) -> list[dict[str, Any]] | None:
+        try:
+            return self.api.containers(all=True, filters={"since": anchor})
+        except docker.errors.APIError:
+            # Docker answers 500 for an anchor that was removed; a real outage shows in the
+            # plain list just before, and in the full list the caller falls back to.
+            return None
+
     def _merge(
-        self, live: list[dict[str, Any]], view: list[dict[str, Any]]
+        self, current: list[dict[str, Any]], view: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], int]:
-        """The live list now plus the stopped containers of the last full list; a container
-        live then and missing now, or forgotten since (stopped, removed, started by this
-        hub), is inspected: stopped since, its state and finish time; removed, dropped. The
-        result is the next merge's view."""
-        live_ids = {entry["Id"] for entry in live}
+        """``current`` (what runs, and every container made after the anchor) plus the
+        older containers of the last full list that do not run. Inspected: a container that
+        ran then and does not now (stopped since: its state and finish time; removed:
+        dropped), and one this hub forgot since (stopped, removed, started by this hub). A
+        container made after the anchor and missing from ``current`` is gone. The result is
+        the next merge's view."""
+        current_ids = {entry["Id"] for entry in current}
         with self._lock:
             dirty = set(self._dirty)
-        merged, calls = list(live), 0
+            after = self._anchor_created
+        merged, calls = list(current), 0
         for entry in view:
             cid = entry["Id"]
-            if cid in live_ids:
+            if cid in current_ids:
                 continue
-            if entry.get("State") in _LIVE_STATES or cid in dirty:
+            if cid not in dirty and int(entry.get("Created") or 0) > after:
+                continue  # made after the anchor and not in the since list: removed
+            if entry.get("State") in _RUNNING_STATES or cid in dirty:
                 calls += 1
                 try:
                     attrs = self._inspect(cid)
@@ -314,10 +435,14 @@ class Ledger:
                 self._remember(cid, attrs)  # its finish time, for the hold
                 entry = {**entry, "State": (attrs.get("State") or {}).get("Status", "exited"),
                          "Status": "", "Ports": []}
+            elif entry.get("Status"):
+                # Docker's "Exited … ago" was true at the full list: judged against a later
+                # moment it would have the finish time inspected again on every read.
+                entry = {**entry, "Status": ""}
             merged.append(entry)
         # Forgotten containers the view never had (made and stopped since the full list: a
         # server's own container, stopped a moment after its start) are inspected and added.
-        known = live_ids | {entry["Id"] for entry in view}
+        known = current_ids | {entry["Id"] for entry in view}
         for cid in sorted(dirty - known):
             calls += 1
             try:
@@ -327,7 +452,8 @@ class Ledger:
             self._remember(cid, attrs)
             merged.append(_entry(attrs))
         with self._lock:
-            self._view = merged
+            if self._view is view:  # a full list since is newer than this merge
+                self._view = merged
             self._dirty -= dirty
         return merged, calls
 
@@ -400,6 +526,41 @@ class Ledger:
         self._remember(cid, attrs)  # caches the finish time while it stays stopped
         return L.parse_time((attrs.get("State") or {}).get("FinishedAt")), 1
 
+    def _carried(
+        self,
+        entry: Mapping[str, Any],
+        status: str,
+        hold_for: Callable[[str | None], float],
+        now: datetime,
+    ) -> Allocation | None:
+        """A stopped container carried from the kept view (no "Exited … ago" text) whose
+        record was built before, with the same state and finish time: only its state,
+        judged by the clock, can differ. None: build it (``_allocation``). At 1,000 stopped
+        containers this is most of a spawn's read."""
+        if status not in _STOPPED_STATES or entry.get("Status"):
+            return None
+        cid = entry["Id"]
+        cached = self._built.get(cid)  # single dict reads: atomic, no lock needed
+        if cached is None or cached[0][0] != status:
+            return None
+        allocation = cached[1]
+        if allocation.managed and (cid not in self._finished
+                                   or self._finished.get(cid) != allocation.finished_at):
+            return None
+        state = classify(
+            status,
+            managed=allocation.managed,
+            created_at=None,  # judged for a created container only
+            finished_at=allocation.finished_at,
+            hold_seconds=hold_for(allocation.user) if allocation.managed else 0.0,
+            start_timeout=self.start_timeout,
+            now=now,
+        )
+        if allocation.state != state:
+            allocation = replace(allocation, state=state)
+            self._built[cid] = (cached[0], allocation)
+        return allocation
+
     def _allocation(
         self,
         entry: Mapping[str, Any],
@@ -412,6 +573,9 @@ class Ledger:
         once; the record is rebuilt only when what the list shows changes, and its state
         (which depends on the clock) is judged on every read."""
         cid = entry["Id"]
+        quick = self._carried(entry, status, hold_for, now)
+        if quick is not None:
+            return quick, 0
         with self._lock:
             if status not in _STOPPED_STATES:
                 self._finished.pop(cid, None)

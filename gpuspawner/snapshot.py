@@ -293,16 +293,17 @@ def take(
     policy: Policy,
     now: datetime | None = None,
     hub_id: str | None = None,
-    live_only: bool = False,
+    live: str = "",
     stopped_max_age: float = 0.0,
     busy_memory_mib: int = 0,
 ) -> Snapshot:
-    """Read the world once: the inventory, then Docker (holds counted with ``policy``), as
-    hub ``hub_id`` sees it. ``live_only``: only created and running containers (``Ledger.read``:
-    enough for the race rule, not for a plan); ``stopped_max_age``: stopped containers as the
-    last full list showed them, at most that old (``Ledger.read``)."""
-    inventory = read_inventory()
-    reading = ledger.read(policy.hold_seconds, now, live_only=live_only,
+    """Read the world once: Docker (holds counted with ``policy``), then the inventory, as
+    hub ``hub_id`` sees it. ``live``: only containers that run or start (``Ledger.read``: enough
+    for the race rule, not for a plan); ``stopped_max_age``: stopped containers as the last
+    full list showed them, at most that old (``Ledger.read``). A caller that starts the
+    inventory's read first (``inventory.Reader.begin``) has NVML and Docker answer at once."""
+    reading = ledger.read(policy.hold_seconds, now, live=live,
                           stopped_max_age=stopped_max_age)
+    inventory = read_inventory()
     return Snapshot(inventory, reading.allocations, policy, reading.bound_ports, reading.read_at,
                     hub_id, busy_memory_mib)

@@ -215,21 +215,27 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         except Exception:  # a mocked user in tests, or no database
             return []
 
-    #: Seconds the stopped containers of Docker's last full list serve a spawn's read under
-    #: the allocation lock (``Ledger.read``'s ``stopped_max_age``): live containers are always
-    #: listed then, so who runs or starts on a device is exact; a lab's hundreds of stopped
-    #: containers are listed once in this time, not once per spawn.
-    STOPPED_MAX_AGE = 5.0
+    #: Seconds the older stopped containers of Docker's last full list serve a spawn's read
+    #: under the allocation lock (``Ledger.read``'s ``stopped_max_age``): what runs and what
+    #: was made lately are always listed then, so who runs or starts on a device is exact; a
+    #: lab's hundreds of stopped containers are not listed once per spawn.
+    STOPPED_MAX_AGE = 300.0
+    #: A spawn whose start is checked lists them all again, off its own path, once the last
+    #: full list is this old: the next spawn then finds a view this fresh. (A full list of
+    #: 1,000 containers costs dockerd about 200 ms of CPU: during 40 spawns at once, not
+    #: every 5 s.)
+    REFRESH_AFTER = 30.0
 
-    def take_snapshot(self, live_only: bool = False, stopped_max_age: float = 0.0) -> Snapshot:
+    def take_snapshot(self, live: str = "", stopped_max_age: float = 0.0) -> Snapshot:
         """Read the world once (blocking: call through the executor)."""
+        self.inventory_reader.begin()  # NVML on its thread while Docker lists
         return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id,
-                    live_only=live_only, stopped_max_age=stopped_max_age,
+                    live=live, stopped_max_age=stopped_max_age,
                     busy_memory_mib=self.busy_memory_mib)
 
-    async def snapshot(self, live_only: bool = False, stopped_max_age: float = 0.0) -> Snapshot:
+    async def snapshot(self, live: str = "", stopped_max_age: float = 0.0) -> Snapshot:
         try:
-            return await self._run(self.take_snapshot, live_only, stopped_max_age)
+            return await self._run(self.take_snapshot, live, stopped_max_age)
         except LedgerError as exc:
             raise docker_down(exc) from exc
 
@@ -491,12 +497,19 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self._plan = None
             self._waiters.leave(self._log_name)
 
+    #: The kinds of spawn (MIG profile, "gpu", "cpu") the host had everything for in the
+    #: boot window (``_await_host``).
+    _host_ready: ClassVar[set[str]] = set()
+
     async def _await_host(self, profile: Profile) -> None:
         """In the boot window (``boot_timeout`` after the hub started): wait, saying what for,
         while the host still lacks the NVIDIA driver or the MIG devices this spawn needs
         (``boot.missing``); refuse with the same words before the hub's start time-out. After
-        the window, and whenever Docker itself does not answer, the usual refusals speak."""
-        if time.monotonic() - _LOADED > self.boot_timeout:
+        the window, and whenever Docker itself does not answer, the usual refusals speak.
+        Once the host had what a kind of spawn needs, later ones of that kind do not ask
+        again: the window is for the host coming up, not for what happens after."""
+        key = profile.mig_profile or ("gpu" if profile.wants_gpu else "cpu")
+        if time.monotonic() - _LOADED > self.boot_timeout or key in GPUSpawner._host_ready:
             return
         own_deadline = time.monotonic() + max(0.0, float(self.start_timeout) - 15)
         wanted = [profile.mig_profile] if profile.mig_profile else []
@@ -513,7 +526,10 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 return  # Docker down: the usual refusal says so at once (the hub runs, the
                 # engine is the admin's to start; `gpuspawner wait` is for boot scripts)
             now = time.monotonic()
-            if not what or now - _LOADED > self.boot_timeout:
+            if not what:
+                GPUSpawner._host_ready.add(key)
+                return
+            if now - _LOADED > self.boot_timeout:
                 return
             if now >= own_deadline:
                 raise refuse(boot.sentence(what) + "; try again in a minute.", "booting", 503)
@@ -593,8 +609,17 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         if self.post_start_cmd:
             await self.post_start_exec()
         ip, port = await self.get_ip_and_port()
+        age = self.ledger.view_age()
+        if age is None or age > self.REFRESH_AFTER:
+            self.executor.submit(self._refresh_view)  # not waited for: the next spawn's
         self._progress(90, "Server started; waiting for Jupyter to answer")
         return ip, port
+
+    def _refresh_view(self) -> None:
+        try:
+            self.ledger.refresh()
+        except LedgerError as exc:  # the next spawn's read lists everything, and says so
+            self.log.warning("Docker's container list could not be refreshed: %s", exc)
 
     async def _why_stopped(self) -> str | None:
         """When the admin service stopped this server for want of GPU work
@@ -628,7 +653,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             info = await self.docker("inspect_image", image)
         except docker.errors.ImageNotFound:
             return  # the create says so, as for any image
-        inv = await self._run(self.read_inventory)
+        # The driver's versions change only with a driver reload: any inventory read says.
+        inv = self.inventory_reader.latest() or await self._run(self.read_inventory)
         sentence = cuda.check(cuda.image_env(info), cuda.Host.of(inv), image=image,
                               container_env=self.get_env())
         if sentence:
@@ -782,12 +808,19 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         if plan.action == spawnplan.REUSE and not running:
             racer = await self._hold_place()
         for _read in range(5):
-            snap = await self.snapshot(live_only=True)  # rivals run or start: none stopped
+            # Rivals run or start: none stopped. Before the start, the spawns in flight (all
+            # made lately); after it, everything that runs, however old: only a running
+            # rival can beat a running container.
+            snap = await self.snapshot(
+                live=ledger_mod.LIVE_RUNNING if running else ledger_mod.LIVE_NEW)
             mine = next((a for a in snap.allocations if a.container_id == racer), None)
             if mine is None:
                 return ()
+            others = spawnplan.rivals(mine, snap)
+            if not others:
+                return ()  # nobody to compare clocks with: the usual case, no inspect
             clocks = {a.container_id: await self._clock(a.container_id)
-                      for a in (mine, *spawnplan.rivals(mine, snap))}
+                      for a in (mine, *others)}
             if spawnplan.NEVER not in clocks.values():
                 break
             # A rival went away between the list and its inspect: it backed off, or it was a

@@ -15,7 +15,7 @@ import pytest
 
 from gpuspawner import inventory, labels
 from gpuspawner.allocator import Choice, Request, choose
-from gpuspawner.ledger import Ledger, LedgerError
+from gpuspawner.ledger import LIVE_ALL, LIVE_NEW, LIVE_RUNNING, Ledger, LedgerError
 from gpuspawner.records import CREATED, EXPIRED, FAILED, HELD, RUNNING
 
 from ..unit.hosts import limits
@@ -146,27 +146,6 @@ def test_created_but_never_started(engine, gpusim, base_image):
     assert ledger.read(now=late).allocations[0].state == FAILED
 
 
-def test_a_container_made_and_stopped_since_the_full_list_is_seen_once_forgotten(
-    engine, gpusim, base_image
-):
-    """A server's own container, made after the last full list and stopped a moment after
-    its start, is in neither the live list nor the kept view: once the spawner forgets it
-    (as it does after a start and before each plan), the next read inspects and shows it."""
-    inv = inventory.read("file", topology_file=gpusim.state_path)
-    ledger = Ledger(engine.client, start_timeout=120)
-    hold = lambda user: 600  # noqa: E731
-    ledger.read(hold)  # the full list: nothing yet
-    cid, _ = spawn_like(engine, base_image, inv, "eve", mig_profile="1g.10gb")
-    engine.client.api.stop(cid, timeout=0)
-    unseen = ledger.read(hold, stopped_max_age=60)
-    assert cid not in {a.container_id for a in unseen.allocations}  # the documented lateness
-    ledger.forget(cid)
-    seen = {a.container_id: a for a in ledger.read(hold, stopped_max_age=60).allocations}
-    assert seen[cid].state == HELD and seen[cid].user == "eve"
-    again = {a.container_id for a in ledger.read(hold, stopped_max_age=60).allocations}
-    assert cid in again  # kept in the view from then on
-
-
 def test_a_container_created_now_with_old_labels_is_a_spawn_in_flight(
     engine, gpusim, base_image
 ):
@@ -228,11 +207,12 @@ def test_steady_state_read_is_one_api_call(engine, gpusim, base_image):
     assert after[cid].finished_at > before[cid].finished_at + timedelta(seconds=2)
 
 
-def test_a_live_only_read_lists_what_runs_or_starts_and_forgets_nothing(
+def test_a_live_only_read_without_an_anchor_filters_by_state_and_forgets_nothing(
     engine, gpusim, base_image
 ):
-    """The race rule's read: Docker filters out the stopped containers (a lab's hundreds),
-    and what the ledger learnt of them stays cached for the next full read."""
+    """The race rule's read on a young engine (no container old enough to anchor Docker's
+    ``since``): Docker filters out the stopped containers, and what the ledger learnt of
+    them stays cached for the next full read."""
     inv = inventory.read("file", topology_file=gpusim.state_path)
     running, _ = spawn_like(engine, base_image, inv, "ann", mig_profile="1g.10gb")
     stopped, _ = spawn_like(engine, base_image, inv, "bo", mig_profile="3g.40gb")
@@ -240,19 +220,89 @@ def test_a_live_only_read_lists_what_runs_or_starts_and_forgets_nothing(
     starting = make(engine, base_image, "starting", count=1, start=False)
     ledger = Ledger(engine.client, start_timeout=120)
     full = ledger.read(lambda user: 600)
-    live = ledger.read(lambda user: 600, live_only=True)
+    live = ledger.read(lambda user: 600, live=LIVE_ALL)
     assert {a.container_id for a in live.allocations} == {running, starting}
     assert live.api_calls == 1
     again = ledger.read(lambda user: 600)
     assert again.api_calls == 1 and again.allocations == full.allocations
 
 
-def test_a_spawns_read_lists_the_live_and_keeps_the_stopped_from_the_last_full_list(
+#: A ledger whose ``since`` anchor is any container made over START seconds before a full
+#: list (in production: ``start_timeout`` and a minute), and the wait that makes the
+#: containers made before it old.
+START = 3
+
+
+def anchored(engine) -> Ledger:
+    ledger = Ledger(engine.client, start_timeout=START)
+    ledger.anchor_slack = 0
+    return ledger
+
+
+def grow_old() -> None:
+    time.sleep(START + 1.2)  # Docker's list gives whole seconds
+
+
+def test_a_live_only_read_lists_what_runs_and_what_was_made_lately(
+    engine, gpusim, base_image, monkeypatch
+):
+    """The race rule's read at a lab's scale: Docker returns what runs and what was made
+    after the anchor, never the old stopped containers; a created container made before
+    the anchor is past its start time-out (a failed start), so it is no rival."""
+    inv = inventory.read("file", topology_file=gpusim.state_path)
+    api = engine.client.api
+    stale = make(engine, base_image, "stale-create", count=1, start=False)
+    history = [make(engine, base_image, f"history-{n}", start=False) for n in range(6)]
+    for cid in history:
+        api.start(cid)
+        api.stop(cid, timeout=0)
+    ann, _ = spawn_like(engine, base_image, inv, "ann", mig_profile="1g.10gb")
+    ledger = anchored(engine)
+    grow_old()
+    ledger.read(lambda user: 600)  # the full list: anchors among the old containers
+    starting = make(engine, base_image, "starting", count=1, start=False)
+    cy, _ = spawn_like(engine, base_image, inv, "cy", mig_profile="2g.20gb",
+                       taken=ledger.read().allocations)
+    returned: list[int] = []
+    listing = api.containers
+
+    def counted(*args, **kwargs):
+        entries = listing(*args, **kwargs)
+        returned.append(len(entries))
+        return entries
+
+    monkeypatch.setattr(api, "containers", counted)
+    live = ledger.read(lambda user: 600, live=LIVE_ALL)
+    contenders = {a.container_id: a.state for a in live.allocations
+                  if a.state in (RUNNING, CREATED)}
+    assert contenders == {ann: RUNNING, starting: CREATED, cy: RUNNING}
+    assert stale not in contenders
+    # What Docker returned: what runs (ann, cy) and what is new (starting, cy), never the
+    # engine's history of stopped containers.
+    assert returned == [2, 2] and len(listing(all=True)) == 10
+    assert live.api_calls == 2 + 1  # the two lists; cy, new since the last read, inspected
+
+    # The check before a start: the spawns in flight, all made lately (one list).
+    returned.clear()
+    new = ledger.read(lambda user: 600, live=LIVE_NEW)
+    assert {a.container_id: a.state for a in new.allocations
+            if a.state in (RUNNING, CREATED)} == {starting: CREATED, cy: RUNNING}
+    assert returned == [2] and new.api_calls == 1
+    # The check after a start: all that runs, however old (one list).
+    returned.clear()
+    running = ledger.read(lambda user: 600, live=LIVE_RUNNING)
+    assert {a.container_id: a.state for a in running.allocations} == {ann: RUNNING, cy: RUNNING}
+    assert returned == [2] and running.api_calls == 1
+
+
+def test_a_spawns_read_lists_what_runs_and_what_is_new_and_keeps_the_older_stopped_ones(
     engine, gpusim, base_image
 ):
-    """``stopped_max_age``: what runs or starts is Docker's now (one filtered list); the
-    stopped containers are the last full list's, with each one that stopped since, or that
-    this hub forgot (stopped, removed), inspected again. Past the age, a full list again."""
+    """``stopped_max_age``: what runs and what was made after the anchor is Docker's now
+    (two lists); the older stopped containers are the last full list's, with each one that
+    ran then and does not now, or that this hub forgot, inspected again. Only an old
+    container started and stopped again by someone else, or removed, is seen late (a
+    hold). Past the age, a full list again."""
     inv = inventory.read("file", topology_file=gpusim.state_path)
     api = engine.client.api
     ann, _ = spawn_like(engine, base_image, inv, "ann", mig_profile="1g.10gb")
@@ -260,8 +310,9 @@ def test_a_spawns_read_lists_the_live_and_keeps_the_stopped_from_the_last_full_l
     api.stop(bo, timeout=0)
     cy, _ = spawn_like(engine, base_image, inv, "cy", mig_profile="2g.20gb")
     api.stop(cy, timeout=0)
-    ledger = Ledger(engine.client, start_timeout=120)
+    ledger = anchored(engine)
     hold = lambda user: 600  # noqa: E731
+    grow_old()
     full = ledger.read(hold)
     assert {a.container_id: a.state for a in full.allocations} == {
         ann: RUNNING, bo: HELD, cy: HELD}
@@ -269,23 +320,77 @@ def test_a_spawns_read_lists_the_live_and_keeps_the_stopped_from_the_last_full_l
     api.stop(ann, timeout=0)  # stopped by hand since the full list
     api.remove_container(cy)  # removed by hand: seen late (a hold, never a runner)
     di, _ = spawn_like(engine, base_image, inv, "di", mig_profile="1g.10gb")
+    eve, _ = spawn_like(engine, base_image, inv, "eve", mig_profile="1g.10gb",
+                        taken=[a for a in full.allocations if a.user == "ann"])
+    api.stop(eve, timeout=0)  # made and stopped since: the since list has it
     merged = ledger.read(hold, stopped_max_age=60)
     states = {a.container_id: a for a in merged.allocations}
     assert {cid: a.state for cid, a in states.items()} == {
-        ann: HELD, bo: HELD, cy: HELD, di: RUNNING}
+        ann: HELD, bo: HELD, cy: HELD, di: RUNNING, eve: HELD}
     finished = api.inspect_container(ann)["State"]["FinishedAt"]
     assert states[ann].finished_at == labels.parse_time(finished)
-    assert merged.api_calls == 2 + 1  # the filtered list, one inspect (ann), one new (di)
+    # Three lists (cy, the newest old container, anchored the first since list: Docker
+    # refuses it now, and the next anchor serves), one inspect (ann, stopped since), two new
+    # containers (di, eve).
+    assert merged.api_calls == 3 + 1 + 2
 
     ledger.forget(cy)  # as the spawner does after it removes a container
     again = ledger.read(hold, stopped_max_age=60)
-    assert {a.container_id for a in again.allocations} == {ann, bo, di}
-    assert again.api_calls == 2  # the list, the inspect of the forgotten one (gone)
+    assert {a.container_id for a in again.allocations} == {ann, bo, di, eve}
+    assert again.api_calls == 2 + 1  # the lists, the inspect of the forgotten one (gone)
+
+    # An old stopped container started and stopped again by someone else: the view keeps
+    # its old finish time until the next full list, or until this hub forgets it.
+    before = states[bo].finished_at
+    api.start(bo)
+    api.stop(bo, timeout=0)
+    kept = {a.container_id: a for a in ledger.read(hold, stopped_max_age=60).allocations}
+    assert kept[bo].finished_at == before
+    ledger.forget(bo)
+    fresh = {a.container_id: a for a in ledger.read(hold, stopped_max_age=60).allocations}
+    assert fresh[bo].finished_at > before
 
     time.sleep(1.1)
     late = ledger.read(hold, stopped_max_age=1)
     assert late.containers == len(api.containers(all=True))  # a full list again
-    assert {a.container_id for a in late.allocations} == {ann, bo, di}
+    assert {a.container_id for a in late.allocations} == {ann, bo, di, eve}
+
+
+def test_a_removed_anchor_moves_to_the_next_and_then_to_a_full_list(
+    engine, gpusim, base_image
+):
+    """Docker refuses a ``since`` on a removed container: the read uses the next anchor
+    (older: it lists more, never less), and with none left it lists everything and chooses
+    anchors again. The reading is right on every path."""
+    inv = inventory.read("file", topology_file=gpusim.state_path)
+    api = engine.client.api
+    old = []
+    for n in range(3):
+        old.append(make(engine, base_image, f"old-{n}", start=False))
+        time.sleep(1.1)  # distinct seconds: the anchors' order is known
+    ann, _ = spawn_like(engine, base_image, inv, "ann", mig_profile="1g.10gb")
+    api.stop(ann, timeout=0)
+    ledger = anchored(engine)
+    hold = lambda user: 600  # noqa: E731
+    grow_old()
+    ledger.read(hold)
+    assert ledger._anchors[:3] == (ann, old[2], old[1])
+    bo, _ = spawn_like(engine, base_image, inv, "bo", mig_profile="1g.10gb",
+                       taken=ledger.read().allocations)
+    api.remove_container(ann)
+    ledger.forget(ann)
+    api.remove_container(old[2])
+    reading = ledger.read(hold, stopped_max_age=60)
+    assert {a.container_id: a.state for a in reading.allocations} == {bo: RUNNING}
+    assert ledger._anchors == (old[1],)  # three kept: old[0] was never one
+    live = ledger.read(hold, live=LIVE_ALL)
+    assert {a.container_id for a in live.allocations} == {bo}
+    for cid in old[:2]:
+        api.remove_container(cid)
+    again = ledger.read(hold, stopped_max_age=60)  # no anchor left: a full list
+    assert {a.container_id: a.state for a in again.allocations} == {bo: RUNNING}
+    assert again.containers == len(api.containers(all=True))
+    assert ledger.view_age() is not None and ledger.view_age() < 5
 
 
 def test_engine_down_is_a_clear_error():

@@ -168,3 +168,26 @@ def test_docker_status_text_bounds():
     assert ago_bounds("Exited (0) 2 days ago") == (47.5 * 3600, 71.5 * 3600)
     assert ago_bounds("Exited (0) 3 weeks ago") == (3 * 168 * 3600 - 1800, 4 * 168 * 3600 - 1800)
     assert ago_bounds("Up 2 hours") is None
+
+
+def test_since_anchors_are_the_newest_containers_made_before_the_cut():
+    """Docker's ``since`` filter on an anchor lists every container made after it, so an
+    anchor must be older than every container that may still be starting: made before the
+    cut (a start time-out and more ago). Newest first; a tie in Docker's whole seconds keeps
+    Docker's own order (newest first); a few are kept, as the newest may be removed."""
+    from gpuspawner.ledger import anchors
+
+    listed = [  # as Docker lists them: newest first
+        {"Id": "young", "Created": 1000},
+        {"Id": "tie-newer", "Created": 900},
+        {"Id": "tie-older", "Created": 900},
+        {"Id": "old", "Created": 500},
+        {"Id": "older", "Created": 100},
+        {"Id": "no-time"},
+    ]
+    assert anchors(listed, before=950) == ("tie-newer", "tie-older", "old")
+    assert anchors(listed, before=950, keep=5) == (
+        "tie-newer", "tie-older", "old", "older", "no-time")
+    assert anchors(listed, before=900) == ("old", "older", "no-time")
+    assert anchors(listed, before=0) == ()
+    assert anchors([], before=10**10) == ()

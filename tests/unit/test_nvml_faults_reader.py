@@ -88,6 +88,21 @@ async def test_a_read_is_kept_for_ttl_seconds(watched):
     assert await reader.read() is not first and watched.inits == 2
 
 
+async def test_a_read_begun_early_is_the_one_a_later_caller_gets(watched):
+    """``begin`` starts the read and returns at once (a spawn lists Docker meanwhile); the
+    caller then shares that read instead of starting its own. ``latest`` is the last good
+    read whatever its age (the driver's versions), and None before any."""
+    clock = Clock()
+    reader = Reader("nvml", nvml=watched.nvml, ttl=2.0, clock=clock)
+    assert reader.latest() is None
+    reader.begin()
+    reader.begin()  # a read runs: nothing more
+    got = reader.read_blocking()
+    assert len(got.gpus) == 4 and watched.inits == 1
+    clock.now += 3600  # long past ``ttl``
+    assert reader.latest() is got and watched.inits == 1
+
+
 async def test_invalidate_reads_again(watched):
     reader = Reader("nvml", nvml=watched.nvml)
     first = await reader.read()
