@@ -16,14 +16,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import boot, health, inventory
+from . import boot, health, hosts, inventory
 from .admin import DEFAULT_HUB_ID
 from .events import follow, tail
 from .inventory import InventoryError
 from .ledger import LedgerError
-from .policy import PolicyError, parse_duration
+from .policy import PolicyError, PolicyFile, parse_duration
 from .world import DEFAULT_START_TIMEOUT, World
 
 EXIT_OK, EXIT_PROBLEM, EXIT_CONFIG, EXIT_DOCKER = 0, 1, 2, 3
@@ -173,11 +174,66 @@ class ConfigError(ValueError):
     """A hub configuration file ``doctor --config`` cannot use (exit code 2)."""
 
 
+def _host_readers(args) -> list[hosts.HostReader]:
+    """One reader per host of ``--hosts`` (ConfigError for a bad file or no probe image)."""
+    try:
+        found = hosts.load_file(args.hosts)
+    except hosts.HostsError as exc:
+        raise ConfigError(str(exc)) from exc
+    image = args.probe_image or os.environ.get("GPUSPAWNER_IMAGE")
+    if not image:
+        raise ConfigError("the GPU probe needs an image on every host (any with sh): pass "
+                          "--probe-image or set GPUSPAWNER_PROBE_IMAGE or GPUSPAWNER_IMAGE")
+    policy = PolicyFile(args.policy)
+    return [hosts.HostReader(host, image=image, hub_id=args.hub_id, policy=policy.current,
+                             start_timeout=args.start_timeout)
+            for host in found]
+
+
+def _host_summary(view: hosts.HostView, url: str) -> dict[str, Any]:
+    snap = view.snapshot
+    if snap is None:
+        return {"name": view.name, "url": url, "up": False, "down": view.down}
+    return {
+        "name": view.name, "url": url, "up": True, "down": "",
+        "gpus": len(snap.inventory.gpus), "migs": len(snap.inventory.migs),
+        "holders": sorted({a.container_name for a in snap.allocations if a.holds and a.uuids}),
+        "free": {k: {"free": f, "total": t} for k, (f, t) in snap.free_by_profile().items()},
+        "problems": list(snap.inventory.problems),
+    }
+
+
+def cmd_hosts(args, world: World | None) -> int:
+    """Every host of ``--hosts`` read at once: up with its GPUs, holders and free devices, or
+    down with the reason. Exit 1 when a host is down."""
+    if not args.hosts:
+        print("no hosts file: pass --hosts or set GPUSPAWNER_HOSTS", file=sys.stderr)
+        return EXIT_CONFIG
+    readers = _host_readers(args)
+    with ThreadPoolExecutor(len(readers)) as pool:
+        views = hosts.read_all(readers, pool, timeout=args.timeout)
+    rows = [_host_summary(v, r.host.url) for v, r in zip(views, readers, strict=True)]
+    lines = []
+    for row in rows:
+        if not row["up"]:
+            lines.append(f"{row['name']} ({row['url']}): DOWN: {row['down']}")
+            continue
+        free = ", ".join(f"{k} {v['free']}/{v['total']}" for k, v in row["free"].items())
+        lines.append(f"{row['name']} ({row['url']}): {row['gpus']} GPU(s), {row['migs']} MIG "
+                     f"device(s), {len(row['holders'])} holder(s); free: {free or 'none'}"
+                     + "".join(f"\n  {p}" for p in row["problems"]))
+    _emit(args, rows, "\n".join(lines))
+    return EXIT_OK if all(row["up"] for row in rows) else EXIT_PROBLEM
+
+
 def cmd_doctor(args, world: World) -> int:
     images = [i for i in (os.environ.get("GPUSPAWNER_IMAGE"), *(args.image or ())) if i]
     if args.config:
         images += hub_images(args.config)
     checks = health.run_all(world.client, world.snapshot, _port_range(args.ports), images)
+    if args.hosts:
+        for reader in _host_readers(args):
+            checks += health.host_checks(reader)
     marks = {health.OK: "ok  ", health.WARN: "warn", health.FAIL: "FAIL"}
     _emit(args, [c.to_json() for c in checks],
           "\n".join(f"[{marks[c.status]}] {c.name}: {c.message}" for c in checks))
@@ -242,6 +298,8 @@ COMMANDS = {
     "events": (cmd_events, "the operation log"),
     "wait": (cmd_wait, "wait for Docker, the NVIDIA driver and MIG devices after a boot; "
                        "exits 1 at the time-out"),
+    "hosts": (cmd_hosts, "every GPU host of --hosts at once: up with its GPUs and holders, or "
+                         "down with the reason; exits 1 when one is down"),
 }
 
 
@@ -274,6 +332,14 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--dcgm-url", default=env("GPUSPAWNER_DCGM_URL") or None,
                      help="a dcgm-exporter's /metrics URL: utilization per MIG device, which "
                      "NVML does not give (default: GPUSPAWNER_DCGM_URL; none: n/a)")
+    top.add_argument("--hosts", default=env("GPUSPAWNER_HOSTS") or None, metavar="FILE",
+                     help="a YAML file of GPU hosts (name: Docker endpoint, or name: {url:, "
+                     "tls_ca:, tls_cert:, tls_key:}) for the hosts command and doctor "
+                     "(default: GPUSPAWNER_HOSTS)")
+    top.add_argument("--probe-image", default=env("GPUSPAWNER_PROBE_IMAGE") or None,
+                     metavar="IMAGE",
+                     help="an image on every host (any with sh) that runs the GPU probe "
+                     "(default: GPUSPAWNER_PROBE_IMAGE, else GPUSPAWNER_IMAGE)")
     sub = top.add_subparsers(dest="command", required=True)
     for name, (_, what) in COMMANDS.items():
         command = sub.add_parser(name, help=what, description=what)
@@ -294,6 +360,10 @@ def parser() -> argparse.ArgumentParser:
                                  help="the hub's jupyterhub_config.py: check the image of "
                                  "every GPU profile and image choice in it (default: "
                                  "GPUSPAWNER_HUB_CONFIG)")
+        if name == "hosts":
+            command.add_argument("--timeout", type=_seconds, default=30.0,
+                                 help="a host that has not answered after this long is down "
+                                 "(seconds, or 1m)")
         if name == "wait":
             command.add_argument("--timeout", type=_seconds, default=600.0,
                                  help="give up after this long (seconds, or 10m)")
@@ -311,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "events":
         return handler(args, None)
     try:
+        if args.command == "hosts":  # every host its own engine: the local one may be none
+            return handler(args, None)
         world = World(docker_host=args.docker_host, policy=args.policy,
                       inventory_source=args.inventory, topology=args.topology,
                       start_timeout=args.start_timeout, hub_id=args.hub_id,

@@ -242,3 +242,35 @@ def run_all(
 def worst(checks: list[Check]) -> str:
     states = {c.status for c in checks}
     return FAIL if FAIL in states else WARN if WARN in states else OK
+
+
+def host_checks(reader: Any) -> list[Check]:
+    """One GPU host of several (``hosts.HostReader``), each check named after it: its engine
+    answers (through TLS, for ``tcp://``), and its probe lists its GPUs, which shows the
+    NVIDIA toolkit works there (what is installed on the hub's machine says nothing of
+    another host). A host whose probe finds no GPU is a warning: it serves CPU servers."""
+    from .ledger import LedgerError
+
+    name = reader.host.name
+    try:
+        client = reader.client()
+    except LedgerError as exc:
+        return [Check(f"host {name}", FAIL, f"{exc}; check that its dockerd listens there and, "
+                                            "for tcp://, that its TLS files are the host's")]
+    engine, info = engine_check(client)
+    checks = [Check(f"host {name}", engine.status, engine.message)]
+    if engine.status == FAIL:
+        return checks
+    if (info or {}).get("DefaultRuntime") == "nvidia":
+        checks.append(Check(f"host {name}: nvidia-runtime", WARN, runtime_check(info).message))
+    found = reader.probe()
+    if found.source == "none":
+        why = "; ".join(found.problems) or "no GPU found"
+        checks.append(Check(f"host {name}: GPUs", WARN,
+                            f"{why}: this host serves CPU servers only (if it has GPUs, "
+                            "install nvidia-container-toolkit there and restart its dockerd)"))
+    else:
+        checks.append(Check(f"host {name}: GPUs", OK,
+                            f"{len(found.gpus)} GPU(s), {len(found.migs)} MIG device(s), "
+                            f"driver {found.driver_version or '?'}, read through its engine"))
+    return checks

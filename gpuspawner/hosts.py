@@ -9,11 +9,19 @@ since NVML does not cross the network.
 mapping) and says, per host, what is wrong; ``connect`` is the one place a client for a host
 is made. A ``tcp://`` engine must come with TLS: Docker's API without it gives root on that
 host to anyone who can reach the port.
+
+``HostReader`` reads one host (its containers, its GPUs) into the same ``Snapshot`` a
+single-host hub reads; ``read_all`` reads every host at once, and a host that does not
+answer is marked down with the reason while the others go on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +31,14 @@ import docker
 import docker.constants
 import docker.errors
 import docker.tls
+import yaml
 
-from .ledger import LedgerError
-from .records import JSONRecord
+from . import probe
+from .inventory import InventoryError
+from .ledger import Ledger, LedgerError
+from .policy import Policy
+from .records import Inventory, JSONRecord
+from .snapshot import Snapshot, take
 
 SCHEMES = ("unix", "tcp", "ssh")
 _KEYS = {"url", "address", "tls_ca", "tls_cert", "tls_key", "topology"}
@@ -90,6 +103,23 @@ def parse_hosts(value: Mapping[str, Any]) -> tuple[Host, ...]:
     return tuple(found)
 
 
+def load_file(path: str | Path) -> tuple[Host, ...]:
+    """Hosts from a YAML file holding what the ``hosts`` setting holds; HostsError naming the
+    file and what is wrong."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise HostsError(f"{path}: cannot be read ({exc.strerror})") from exc
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise HostsError(f"{path}: not YAML ({exc})") from exc
+    try:
+        return parse_hosts(value or {})
+    except HostsError as exc:
+        raise HostsError(f"{path}: {exc}") from exc
+
+
 def connect(host: Host, timeout: float = 30.0) -> docker.DockerClient:
     """A Docker client for ``host``: TLS-verified both ways for ``tcp://``. LedgerError with
     the host's name and the reason when its TLS files are missing or it does not answer."""
@@ -116,3 +146,142 @@ def connect(host: Host, timeout: float = 30.0) -> docker.DockerClient:
         raise LedgerError(f"host {host.name}: its Docker engine at {host.url} does not answer "
                           f"({exc})") from exc
     return client
+
+
+#: Seconds a remote host's GPUs, as its probe last printed them, serve its reads. MIG
+#: devices change rarely and an admin's change shows within this time; a start that fails
+#: with "unknown device" reads them again at once (``HostReader.invalidate``).
+PROBE_TTL = 60.0
+
+
+class HostReader:
+    """One host's snapshots: its engine's containers (a ``Ledger`` of its own) and its GPUs,
+    through a probe container on that engine (NVML does not cross the network), kept
+    ``probe_ttl`` seconds; or ``local_inventory`` for the hub's own host (NVML). A host whose
+    engine does not answer raises LedgerError naming it; the next read connects again.
+    Safe to call from several threads."""
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        image: str,
+        hub_id: str,
+        policy: Callable[[], Policy],
+        start_timeout: float = 60.0,
+        local_inventory: Callable[[], Inventory] | None = None,
+        probe_ttl: float = PROBE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.image = image
+        self.hub_id = hub_id
+        self.policy = policy
+        self.start_timeout = start_timeout
+        self.local_inventory = local_inventory
+        self.probe_ttl = probe_ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._client: docker.DockerClient | None = None
+        self._ledger: Ledger | None = None
+        self._probed: tuple[float, Inventory] | None = None
+        self._pending: Future[Snapshot] | None = None
+
+    def invalidate(self) -> None:
+        """Forget the probed GPUs: the next read runs the probe again."""
+        with self._lock:
+            self._probed = None
+
+    def _engine(self) -> tuple[docker.DockerClient, Ledger]:
+        with self._lock:
+            if self._client is not None and self._ledger is not None:
+                return self._client, self._ledger
+        client = connect(self.host)
+        with self._lock:
+            self._client, self._ledger = client, Ledger(client, start_timeout=self.start_timeout)
+            return self._client, self._ledger
+
+    def client(self) -> docker.DockerClient:
+        """This host's Docker client (connected on first use; LedgerError naming the host)."""
+        return self._engine()[0]
+
+    def probe(self) -> Inventory:
+        """The host's GPUs through its probe now, kept for the next reads."""
+        self.invalidate()
+        return self._inventory()
+
+    def _inventory(self) -> Inventory:
+        if self.local_inventory is not None:
+            return self.local_inventory()
+        with self._lock:
+            probed = self._probed
+        if probed is not None and self.clock() - probed[0] < self.probe_ttl:
+            return probed[1]
+        client, _ledger = self._engine()
+        try:
+            found = probe.read(client, self.image, self.hub_id)
+        except InventoryError as exc:  # a host without the NVIDIA runtime: CPU servers only
+            found = Inventory(source="none", problems=(f"host {self.host.name}: {exc}",))
+        with self._lock:
+            self._probed = (self.clock(), found)
+        return found
+
+    def read(self) -> Snapshot:
+        """Docker's containers of this host, then its GPUs (``snapshot.take``)."""
+        _client, ledger = self._engine()
+        try:
+            return take(self._inventory, ledger, self.policy(), hub_id=self.hub_id)
+        except LedgerError as exc:
+            with self._lock:  # connect again next time: the engine may have restarted
+                self._client, self._ledger, self._probed = None, None, None
+            # Docker's client names a unix socket "http+docker://localhost": say which.
+            raise LedgerError(f"host {self.host.name} ({self.host.url}): {exc}") from exc
+
+    def begin(self, pool: ThreadPoolExecutor) -> Future[Snapshot]:
+        """This host's read on ``pool``, or the one still running: a host that hangs holds
+        one thread, never one per page load."""
+        with self._lock:
+            if self._pending is None or self._pending.done():
+                self._pending = pool.submit(self.read)
+            return self._pending
+
+
+@dataclass(frozen=True)
+class HostView(JSONRecord):
+    """One host in a read of all of them: its snapshot, or why it is down."""
+
+    name: str
+    snapshot: Snapshot | None
+    down: str = ""
+
+    @property
+    def up(self) -> bool:
+        return self.snapshot is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "up": self.up, "down": self.down,
+                "snapshot": None if self.snapshot is None else self.snapshot.to_json()}
+
+
+def read_all(
+    readers: Sequence[HostReader], pool: ThreadPoolExecutor, timeout: float = 10.0
+) -> tuple[HostView, ...]:
+    """Every host at once, in ``readers``' order. A host that fails, or does not answer
+    within ``timeout`` seconds, is down with the reason; the others are read as usual. The
+    read of a slow host goes on, and the next call shares it."""
+    started = {reader.host.name: reader.begin(pool) for reader in readers}
+    deadline = time.monotonic() + timeout
+    views = []
+    for reader in readers:
+        name = reader.host.name
+        try:
+            snap = started[name].result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            views.append(HostView(name, None, f"host {name}: its Docker engine at "
+                                              f"{reader.host.url} did not answer within "
+                                              f"{timeout:g} s"))
+        except (LedgerError, docker.errors.DockerException, OSError) as exc:
+            views.append(HostView(name, None, str(exc)))
+        else:
+            views.append(HostView(name, snap))
+    return tuple(views)

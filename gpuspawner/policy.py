@@ -14,6 +14,7 @@ from searching the text, so they are right even with anchors, flow style or repe
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -245,14 +246,20 @@ class Policy:
     _by_user: dict[str, UserOverride] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
+    #: ``hold_seconds`` by user, for users without hub groups: the ledger asks for every
+    #: stopped container it reads (hundreds per read), and the policy never changes.
+    _holds: dict[str, float] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_user", {o.user: o for o in self.user_overrides})
 
     @classmethod
     def default(cls) -> Policy:
-        """The policy with no file: every user gets the built-in limits."""
-        return cls()
+        """The policy with no file: every user gets the built-in limits (one instance: what
+        it has worked out is kept)."""
+        return _default_policy() if cls is Policy else cls()
 
     def for_user(self, user: str, hub_groups: Iterable[str] = ()) -> UserPolicy:
         """Merge built-in < ``defaults`` < groups < ``user_overrides`` for one user.
@@ -292,7 +299,13 @@ class Policy:
         The ledger knows only the user name from a container's labels, so a hold given
         through a hub group alone is not seen there; put such users in ``members``.
         """
-        return self.for_user(user, hub_groups).limits.gpu_hold_after_stop
+        groups = tuple(hub_groups)
+        if groups:
+            return self.for_user(user, groups).limits.gpu_hold_after_stop
+        hold = self._holds.get(user)
+        if hold is None:
+            hold = self._holds[user] = self.for_user(user).limits.gpu_hold_after_stop
+        return hold
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -344,6 +357,11 @@ def load_policy(path: str | os.PathLike[str] | None) -> Policy:
             source=source,
         ) from None
     return parse_policy(text, source)
+
+
+@functools.cache
+def _default_policy() -> Policy:
+    return Policy()
 
 
 class PolicyFile:

@@ -40,7 +40,7 @@ DEFAULT_LIB_DIR = Path("/var/lib/gpuspawner-test")
 DEFAULT_BRIDGE = "gpsim0"
 DEFAULT_GATEWAY = "172.31.250.1/24"
 #: The engines a test session may start beside its own, by name (``EnginePaths.beside``).
-BESIDE = ("nvidia-default", "remote-h100")
+BESIDE = ("nvidia-default", "remote-h100", "cpu-host")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

@@ -1,0 +1,132 @@
+"""One read of every GPU host against the slowest single host's read, in the same run.
+
+Three private Docker engines (tests/engine.py) run side by side on this machine, each with its
+own simulated host (tests/gpusim ``a100x4``) and its own fleet of ``--containers`` containers
+(benchmarks/engine_fleet.py: the same mix as ``bench_core.py --engine``, running servers and
+slice holders among a lab's stopped history), kept in the engines' data roots for the next
+run. Each host is read by its own ``hosts.HostReader``: a full Docker list and its GPUs
+through a probe container, the probe kept between reads as in production (``PROBE_TTL``), so
+what is timed is what a page load or a spawn's plan costs per host.
+
+Rounds alternate: each host alone, one after another, then all three at once
+(``hosts.read_all``); the figure is the median over rounds of (all at once) / (slowest of the
+three alone in that round). Goal: <= 1.3.
+
+On this machine the three engines share its cores, so a read of all three competes for CPU
+that three real hosts would not share: the figure is an upper bound.
+
+    .venv/bin/python benchmarks/bench_hosts.py [--containers 1000] [--rounds 9]
+
+Runs as root (each engine makes a bridge). The engines are stopped at the end, also after an
+error or Ctrl-C; their fleets stay, stopped, under ``GPUSPAWNER_TEST_ROOT`` (default
+/var/lib/gpuspawner-hosts-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GOAL = 1.3
+NAMES = ("gpu1", "gpu2", "gpu3")
+DEFAULT_ROOT = "/var/lib/gpuspawner-hosts-bench"
+
+
+def _engines() -> list[Any]:
+    from tests.engine import EnginePaths, PrivateEngine
+
+    root = Path(os.environ.get("GPUSPAWNER_TEST_ROOT") or DEFAULT_ROOT)
+    first = EnginePaths.under(root)
+    paths = [first, first.beside("remote-h100"), first.beside("cpu-host")]
+    return [PrivateEngine(p, nvidia_runtime=True) for p in paths]
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks import engine_fleet as fleet
+    from gpuspawner import hosts
+    from gpuspawner.policy import Policy
+    from tests.gpusim import Simulator
+    from tests.images import ensure_base_image
+
+    engines = _engines()
+    readers = []
+    try:
+        for name, engine in zip(NAMES, engines, strict=True):
+            began = time.perf_counter()
+            engine.start()
+            state = Simulator(engine.state_path, engine.hook_log).install(fleet.TOPOLOGY)
+            image = ensure_base_image(engine.client)
+            migs, whole = fleet.devices_of(state)
+            made = fleet.ensure(engine.client.api, image,
+                                fleet.plan(args.containers, migs, whole), args.workers)
+            print(f"{name}: engine under {engine.paths.data_root}, {args.containers} "
+                  f"containers (created {made.created}, reused {made.reused}) in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
+            readers.append(hosts.HostReader(hosts.Host(name, engine.base_url), image=image,
+                                            hub_id=fleet.HUB, policy=Policy.default,
+                                            start_timeout=60))
+        alone: dict[str, list[float]] = {name: [] for name in NAMES}
+        together: list[float] = []
+        ratios: list[float] = []
+        with ThreadPoolExecutor(len(readers)) as pool:
+            views = hosts.read_all(readers, pool, timeout=120)  # warm: probes, inspects
+            bad = [v.down for v in views if not v.up]
+            if bad:
+                print("a host did not answer: " + "; ".join(bad), file=sys.stderr)
+                return 1
+            for _round in range(args.rounds):
+                slowest = 0.0
+                for reader in readers:
+                    began = time.perf_counter()
+                    snap = reader.read()
+                    took = time.perf_counter() - began
+                    alone[reader.host.name].append(took)
+                    slowest = max(slowest, took)
+                    assert len(snap.allocations) > 0
+                began = time.perf_counter()
+                views = hosts.read_all(readers, pool, timeout=120)
+                took = time.perf_counter() - began
+                assert all(v.up for v in views)
+                together.append(took)
+                ratios.append(took / slowest)
+        print(f"\n{args.rounds} rounds; per host {args.containers} containers on its engine")
+        for name in NAMES:
+            print(f"  {name} alone: median {statistics.median(alone[name]) * 1000:.0f} ms")
+        print(f"  all three at once (hosts.read_all): median "
+              f"{statistics.median(together) * 1000:.0f} ms")
+        ratio = statistics.median(ratios)
+        print(f"all at once / slowest alone (median of rounds): {ratio:.2f}  goal <= {GOAL}: "
+              f"{'met' if ratio <= GOAL else 'MISSED'}")
+        print("command: .venv/bin/python benchmarks/bench_hosts.py "
+              f"--containers {args.containers} --rounds {args.rounds}")
+        return 0
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--containers", type=int, default=1000,
+                        help="containers on each host's engine (default 1000)")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds (default 9)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="fleet containers created/started at a time (default 4)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.containers < 1:
+        parser.error("--rounds and --containers must be at least 1")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
