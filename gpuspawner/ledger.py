@@ -43,7 +43,7 @@ _LIVE_STATES = _RUNNING_STATES | {"created"}
 _STOPPED_STATES = frozenset({"exited", "dead", "removing"})
 
 #: What a live reading lists (``Ledger.read``).
-LIVE_ALL, LIVE_NEW, LIVE_RUNNING = "all", "new", "running"
+LIVE_ALL, LIVE_RUNNING = "all", "running"
 
 
 class LedgerError(RuntimeError):
@@ -276,10 +276,8 @@ class Ledger:
         """Every container, or with ``live`` only containers that run or may start: it
         answers who runs or is starting on a device (the race rule), not who holds one.
 
-        - ``LIVE_ALL``: created, running, paused and restarting, whatever their age.
-        - ``LIVE_NEW``: those made after the anchor, one list: every spawn in flight of any
-          hub (a stopped container is started again through a new place-holder), not an
-          old container started by hand since.
+        - ``LIVE_ALL``: created, running, paused and restarting, whatever their age (a
+          created container made before the anchor is a failed start: not listed).
         - ``LIVE_RUNNING``: running, paused and restarting (Docker's plain list): all a
           running container can lose to, by the race rule.
 
@@ -293,7 +291,7 @@ class Ledger:
         Both list only what runs and what was made after the anchor (``anchors``): Docker
         spends its time on each container it returns, and a lab's hundreds of stopped
         containers would cost a spawn far more than its own work."""
-        if live not in ("", LIVE_ALL, LIVE_NEW, LIVE_RUNNING):
+        if live not in ("", LIVE_ALL, LIVE_RUNNING):
             raise ValueError(f"unknown live reading {live!r}")
         now = now or datetime.now(timezone.utc)
         calls = 0
@@ -306,7 +304,7 @@ class Ledger:
         if live == LIVE_RUNNING:
             current = (self._call("a container list", self.api.containers), 1)
         elif live or use_view:
-            current = self._current(new_only=live == LIVE_NEW)
+            current = self._current()
         if current is not None:
             listed, calls = current
             if live:
@@ -365,35 +363,32 @@ class Ledger:
         allocations.sort(key=lambda a: (a.user or "", a.server, a.container_name))
         return Reading(tuple(allocations), frozenset(bound), len(listed), calls, now)
 
-    def _current(self, new_only: bool = False) -> tuple[list[dict[str, Any]], int] | None:
+    def _current(self) -> tuple[list[dict[str, Any]], int] | None:
         """What runs (Docker's plain list: running, paused and restarting, whatever their
-        age; not with ``new_only``) and every container made after the first anchor,
-        whatever its state: each container once, and the number of calls. None without an
-        anchor, or when Docker refused it (removed since): the caller lists otherwise, and
-        the next full list chooses new anchors."""
+        age) and every container made after the first anchor, whatever its state, both at
+        once: each container once, and the number of calls. None without an anchor, or when
+        Docker refused it (removed since): the caller lists otherwise, and the next full
+        list chooses new anchors."""
         with self._lock:
             found = self._anchors
         if not found:
             return None
-        pool = None if new_only else ThreadPoolExecutor(1)
+        pool = ThreadPoolExecutor(1)
         try:  # the two lists at once: dockerd answers both in the time of the longer
-            running = None if pool is None else pool.submit(
-                self._call, "a container list", self.api.containers)
-            calls = 0 if pool is None else 1
+            running = pool.submit(self._call, "a container list", self.api.containers)
+            calls = 1
             for anchor in found:  # an older anchor lists more, never less
                 calls += 1
                 recent = self._call("a container list", self._since, anchor)
                 if recent is not None:
                     ids = {entry["Id"] for entry in recent}
-                    more = [] if running is None else running.result()
+                    more = running.result()
                     return recent + [e for e in more if e["Id"] not in ids], calls
                 with self._lock:
                     self._anchors = tuple(a for a in self._anchors if a != anchor)
-            if running is not None:
-                running.result()  # an engine that is down says so here
+            running.result()  # an engine that is down says so here
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False)
+            pool.shutdown(wait=False)
         with self._lock:
             self._view_at = 0.0  # no anchor left: the next read lists everything
         return None

@@ -808,11 +808,12 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         if plan.action == spawnplan.REUSE and not running:
             racer = await self._hold_place()
         for _read in range(5):
-            # Rivals run or start: none stopped. Before the start, the spawns in flight (all
-            # made lately); after it, everything that runs, however old: only a running
-            # rival can beat a running container.
+            # Rivals run or start: none stopped. Before the start, everything that runs and
+            # every spawn in flight (all made lately): an old container may have started
+            # since the plan's read, and its place-holder may be gone already. After it,
+            # only what runs, however old: only a running rival beats a running container.
             snap = await self.snapshot(
-                live=ledger_mod.LIVE_RUNNING if running else ledger_mod.LIVE_NEW)
+                live=ledger_mod.LIVE_RUNNING if running else ledger_mod.LIVE_ALL)
             mine = next((a for a in snap.allocations if a.container_id == racer), None)
             if mine is None:
                 return ()
