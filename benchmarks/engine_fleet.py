@@ -45,6 +45,10 @@ INDEX = "gpuspawner.bench.index"
 DEVICE = "gpuspawner.bench.device"
 MIX = "gpuspawner.bench.mix"
 MIX_VERSION = "1"  # bump when the plan below changes: older containers are then re-made
+#: The address a managed container's port 8888 is published on: engines side by side on one
+#: machine (bench_hosts.py) each publish on an address of their own, since each engine
+#: hands out host ports from the same range without knowing the others'.
+HOST_IP = "gpuspawner.bench.host-ip"
 HUB = "bench"
 DEFAULT_ROOT = Path("/var/lib/gpuspawner-bench")
 TOPOLOGY = "a100x4"
@@ -159,13 +163,14 @@ def _environment(spec: Spec) -> list[str]:
     ]
 
 
-def create(api: docker.APIClient, image: str, spec: Spec, now: datetime) -> str:
+def create(api: docker.APIClient, image: str, spec: Spec, now: datetime,
+           host_ip: str = "127.0.0.1") -> str:
     device_requests = None
     if spec.device:
         device_requests = [docker.types.DeviceRequest(
             driver="nvidia", device_ids=[spec.device.uuid], capabilities=[["gpu"]])]
     host = api.create_host_config(
-        port_bindings={8888: ("127.0.0.1", None)} if spec.managed else None,
+        port_bindings={8888: (host_ip, None)} if spec.managed else None,
         device_requests=device_requests,
         init=True,  # so `sleep infinity` ends at SIGTERM when the engine stops
     )
@@ -173,7 +178,7 @@ def create(api: docker.APIClient, image: str, spec: Spec, now: datetime) -> str:
         image,
         command=["true"] if spec.state == "exited" else ["sleep", "infinity"],
         name=spec.name,
-        labels=_labels(spec, now),
+        labels={**_labels(spec, now), HOST_IP: host_ip},
         environment=_environment(spec),
         ports=[8888] if spec.managed else None,
         host_config=host,
@@ -216,7 +221,8 @@ def _pool(workers: int, jobs: list[Callable[[], Any]], what: str) -> None:
         raise RuntimeError(f"{len(errors)} {what} failed, e.g.: " + "; ".join(errors[:3]))
 
 
-def ensure(api: docker.APIClient, image: str, specs: list[Spec], workers: int) -> FleetReport:
+def ensure(api: docker.APIClient, image: str, specs: list[Spec], workers: int,
+           host_ip: str = "127.0.0.1") -> FleetReport:
     """Make the engine hold exactly ``specs`` among its bench containers, in their states."""
     started_at = time.perf_counter()
     report = FleetReport()
@@ -238,6 +244,7 @@ def ensure(api: docker.APIClient, image: str, specs: list[Spec], workers: int) -
             and found.get(MIX) == MIX_VERSION and found.get(ROLE) == spec.role
             and found.get(DEVICE, "") == (spec.device.uuid if spec.device else "")
             and not (spec.state == "created" and entry.get("State") != "created")
+            and found.get(HOST_IP, "127.0.0.1") == host_ip
         )
         if ok:
             existing[index] = entry
@@ -263,7 +270,7 @@ def ensure(api: docker.APIClient, image: str, specs: list[Spec], workers: int) -
 
     def creator(spec: Spec) -> Callable[[], None]:
         def job() -> None:
-            cid = create(api, image, spec, now)
+            cid = create(api, image, spec, now, host_ip)
             with lock:
                 ids[spec.index] = cid
         return job
