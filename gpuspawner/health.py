@@ -263,7 +263,10 @@ def host_checks(reader: Any) -> list[Check]:
         return checks
     if (info or {}).get("DefaultRuntime") == "nvidia":
         checks.append(Check(f"host {name}: nvidia-runtime", WARN, runtime_check(info).message))
-    found = reader.probe()
+    try:
+        found = reader.probe()
+    except LedgerError as exc:  # gone between the two questions
+        return [*checks, Check(f"host {name}: GPUs", FAIL, str(exc))]
     if found.source == "none":
         why = "; ".join(found.problems) or "no GPU found"
         checks.append(Check(f"host {name}: GPUs", WARN,

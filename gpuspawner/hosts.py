@@ -231,11 +231,13 @@ class HostReader:
         _client, ledger = self._engine()
         try:
             return take(self._inventory, ledger, self.policy(), hub_id=self.hub_id)
-        except LedgerError as exc:
+        except (LedgerError, docker.errors.DockerException, OSError) as exc:
             with self._lock:  # connect again next time: the engine may have restarted
                 self._client, self._ledger, self._probed = None, None, None
             # Docker's client names a unix socket "http+docker://localhost": say which.
-            raise LedgerError(f"host {self.host.name} ({self.host.url}): {exc}") from exc
+            said = str(exc) if isinstance(exc, LedgerError) else (
+                f"its Docker engine did not answer ({exc})")
+            raise LedgerError(f"host {self.host.name} ({self.host.url}): {said}") from exc
 
     def begin(self, pool: ThreadPoolExecutor) -> Future[Snapshot]:
         """This host's read on ``pool``, or the one still running: a host that hangs holds
@@ -280,7 +282,7 @@ def read_all(
             views.append(HostView(name, None, f"host {name}: its Docker engine at "
                                               f"{reader.host.url} did not answer within "
                                               f"{timeout:g} s"))
-        except (LedgerError, docker.errors.DockerException, OSError) as exc:
+        except LedgerError as exc:
             views.append(HostView(name, None, str(exc)))
         else:
             views.append(HostView(name, snap))
