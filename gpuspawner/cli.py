@@ -73,7 +73,7 @@ def cmd_status(args, world: World) -> int:
     lines += [f"problem: {p}" for p in snap.inventory.problems]
     _emit(args, {"inventory": snap.inventory.to_json(), "holding": len(held),
                  "unmanaged": len(snap.unmanaged()),
-                 "free": {k: {"free": f, "total": t} for k, (f, t) in free.items()}},
+                 "free": snap.free_json()},
           "\n".join(lines))
     return EXIT_OK
 
@@ -198,7 +198,7 @@ def _host_summary(view: hosts.HostView, url: str) -> dict[str, Any]:
         "name": view.name, "url": url, "up": True, "down": "",
         "gpus": len(snap.inventory.gpus), "migs": len(snap.inventory.migs),
         "holders": sorted({a.container_name for a in snap.allocations if a.holds and a.uuids}),
-        "free": {k: {"free": f, "total": t} for k, (f, t) in snap.free_by_profile().items()},
+        "free": snap.free_json(),
         "problems": list(snap.inventory.problems),
     }
 

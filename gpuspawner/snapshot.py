@@ -125,6 +125,10 @@ class Snapshot:
     def free_by_profile(self) -> dict[str, tuple[int, int]]:
         return allocator.free_by_profile(self.inventory, self.allocations, self.busy_memory_mib)
 
+    def free_json(self) -> dict[str, dict[str, int]]:
+        """``free_by_profile`` as the JSON API, the CLI and its host view give it."""
+        return {k: {"free": f, "total": t} for k, (f, t) in self.free_by_profile().items()}
+
     def choose(
         self, request: allocator.Request, groups: Iterable[str] = ()
     ) -> allocator.Choice | allocator.Refusal:
@@ -283,7 +287,7 @@ class Snapshot:
             "devices": [d.to_json() for d in self.devices()],
             "conflicts": {u: [a.container_id for a in found]
                           for u, found in self.conflicts().items()},
-            "free": {k: {"free": f, "total": t} for k, (f, t) in self.free_by_profile().items()},
+            "free": self.free_json(),
         }
 
 
