@@ -18,6 +18,10 @@
 #   GPUSPAWNER_BIND_URL       public URL the proxy listens on (default: http://:8000)
 #   GPUSPAWNER_VOLUMES        "0" to give servers no persistent home volume
 #   GPUSPAWNER_CULL_IDLE      seconds after which idle servers are stopped (idle culler)
+#   GPUSPAWNER_HOSTS          YAML file of GPU hosts (name: Docker endpoint, or name: {url:,
+#                             address:, tls_ca:, tls_cert:, tls_key:}; docs/scaling.md); the
+#                             gpuspawner command reads the same variable
+#   GPUSPAWNER_STRATEGY       pack | spread: which GPU (and host) a new server takes first
 #   GPUSPAWNER_DEMO_USERS     demo only: comma-separated users of a shared-password login
 #   GPUSPAWNER_DEMO_PASSWORD  demo only: that password (never on a real host)
 import importlib.util
@@ -62,6 +66,13 @@ if env("GPUSPAWNER_EVENTS"):
     c.GPUSpawner.events_file = env("GPUSPAWNER_EVENTS")
 low, _, high = env("GPUSPAWNER_PORTS", "40000-40999").partition("-")
 c.GPUSpawner.port_range = (int(low), int(high))
+if env("GPUSPAWNER_HOSTS"):  # one hub, several GPU hosts (docs/scaling.md)
+    import yaml
+
+    with open(env("GPUSPAWNER_HOSTS")) as hosts_file:
+        c.GPUSpawner.hosts = yaml.safe_load(hosts_file) or {}
+if env("GPUSPAWNER_STRATEGY"):
+    c.GPUSpawner.allocation_strategy = env("GPUSPAWNER_STRATEGY")
 
 # Extra host ports per server: none by default. Web tools (TensorBoard, dashboards) are
 # reached through jupyter-server-proxy at /user/<name>/proxy/6006/, behind the Hub's login;

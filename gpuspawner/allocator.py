@@ -8,7 +8,7 @@ That keeps every rule testable exhaustively without a GPU or an engine.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -268,6 +268,19 @@ class Free(tuple):
 
     def __getnewargs__(self) -> tuple[int, int, int, str | None]:  # copy and pickle
         return (self[0], self[1], self.unavailable, self.reason)
+
+
+def summed(frees: Iterable[Mapping[str, tuple[int, int]]]) -> dict[str, Free]:
+    """``free_by_profile`` of several hosts as one: what a hub of several hosts offers per
+    profile (the form). Unavailable devices add up too; the first reason stands."""
+    out: dict[str, Free] = {}
+    for free in frees:
+        for key, pair in free.items():
+            have = out.get(key, Free(0, 0))
+            down = getattr(pair, "unavailable", 0)
+            out[key] = Free(have[0] + pair[0], have[1] + pair[1], have.unavailable + down,
+                            have.reason or (getattr(pair, "reason", None) if down else None))
+    return out
 
 
 #: A device no running container holds is ``busy`` when NVML shows compute processes on it,

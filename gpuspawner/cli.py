@@ -177,7 +177,7 @@ class ConfigError(ValueError):
 def _host_readers(args) -> list[hosts.HostReader]:
     """One reader per host of ``--hosts`` (ConfigError for a bad file or no probe image)."""
     try:
-        found = hosts.load_file(args.hosts)
+        found = hosts.load_setting(args.hosts)
     except hosts.HostsError as exc:
         raise ConfigError(str(exc)) from exc
     image = args.probe_image or os.environ.get("GPUSPAWNER_IMAGE")
@@ -190,19 +190,6 @@ def _host_readers(args) -> list[hosts.HostReader]:
             for host in found]
 
 
-def _host_summary(view: hosts.HostView, url: str) -> dict[str, Any]:
-    snap = view.snapshot
-    if snap is None:
-        return {"name": view.name, "url": url, "up": False, "down": view.down}
-    return {
-        "name": view.name, "url": url, "up": True, "down": "",
-        "gpus": len(snap.inventory.gpus), "migs": len(snap.inventory.migs),
-        "holders": sorted({a.container_name for a in snap.allocations if a.holds and a.uuids}),
-        "free": snap.free_json(),
-        "problems": list(snap.inventory.problems),
-    }
-
-
 def cmd_hosts(args, world: World | None) -> int:
     """Every host of ``--hosts`` read at once: up with its GPUs, holders and free devices, or
     down with the reason. Exit 1 when a host is down."""
@@ -212,7 +199,7 @@ def cmd_hosts(args, world: World | None) -> int:
     readers = _host_readers(args)
     with ThreadPoolExecutor(len(readers)) as pool:
         views = hosts.read_all(readers, pool, timeout=args.timeout)
-    rows = [_host_summary(v, r.host.url) for v, r in zip(views, readers, strict=True)]
+    rows = [v.summary(r.host.url) for v, r in zip(views, readers, strict=True)]
     lines = []
     for row in rows:
         if not row["up"]:

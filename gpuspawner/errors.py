@@ -42,6 +42,7 @@ STATUS = {
     spawnplan.GPU_LOST: 409,
     spawnplan.BUSY: 409,
     spawnplan.PORTS: 503,
+    spawnplan.HOST_DOWN: 503,
 }
 
 

@@ -17,6 +17,7 @@ answer is marked down with the reason while the others go on.
 
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -101,6 +102,29 @@ def parse_hosts(value: Mapping[str, Any]) -> tuple[Host, ...]:
                                                for k in ("address", "tls_ca", "tls_cert",
                                                          "tls_key", "topology"))))
     return tuple(found)
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether two Docker endpoints are the same engine (``unix:///x`` is ``unix://x``)."""
+
+    def norm(url: str) -> str:
+        parsed = urlparse(url)
+        if parsed.scheme == "unix":
+            return "unix:" + posixpath.normpath("/" + (parsed.netloc + parsed.path).lstrip("/"))
+        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port}{parsed.path.rstrip('/')}"
+
+    return norm(a) == norm(b)
+
+
+def load_setting(value: str) -> tuple[Host, ...]:
+    """Hosts from ``GPUSPAWNER_HOSTS``: a YAML file's path, or the mapping itself as JSON (how
+    the hub hands its ``hosts`` setting to its admin service)."""
+    if value.lstrip().startswith("{"):
+        try:
+            return parse_hosts(yaml.safe_load(value) or {})
+        except yaml.YAMLError as exc:
+            raise HostsError(f"GPUSPAWNER_HOSTS is neither a file nor a mapping ({exc})") from exc
+    return load_file(value)
 
 
 def load_file(path: str | Path) -> tuple[Host, ...]:
@@ -205,12 +229,24 @@ class HostReader:
         """This host's Docker client (connected on first use; LedgerError naming the host)."""
         return self._engine()[0]
 
+    def ledger(self) -> Ledger:
+        """The ledger of this host's engine (connected on first use)."""
+        return self._engine()[1]
+
+    def reset(self) -> None:
+        """Connect again on the next call, and run the probe again: the engine failed, and
+        may have restarted (with other MIG devices)."""
+        with self._lock:
+            self._client, self._ledger, self._probed = None, None, None
+
     def probe(self) -> Inventory:
         """The host's GPUs through its probe now, kept for the next reads."""
         self.invalidate()
-        return self._inventory()
+        return self.inventory()
 
-    def _inventory(self) -> Inventory:
+    def inventory(self) -> Inventory:
+        """The host's GPUs: the hub's own NVML for the local host, else what its probe printed
+        within ``probe_ttl`` (the probe runs again after that)."""
         if self.local_inventory is not None:
             return self.local_inventory()
         with self._lock:
@@ -226,17 +262,22 @@ class HostReader:
             self._probed = (self.clock(), found)
         return found
 
-    def read(self) -> Snapshot:
-        """Docker's containers of this host, then its GPUs (``snapshot.take``)."""
-        _client, ledger = self._engine()
+    def read(self, policy: Policy | None = None, *, live: str = "",
+             stopped_max_age: float = 0.0, busy_memory_mib: int = 0) -> Snapshot:
+        """Docker's containers of this host, then its GPUs (``snapshot.take``, whose
+        arguments the others are)."""
         try:
-            return take(self._inventory, ledger, self.policy(), hub_id=self.hub_id)
+            _client, ledger = self._engine()
+            return take(self.inventory, ledger, policy or self.policy(), hub_id=self.hub_id,
+                        live=live, stopped_max_age=stopped_max_age,
+                        busy_memory_mib=busy_memory_mib)
         except (LedgerError, docker.errors.DockerException, OSError) as exc:
-            with self._lock:  # connect again next time: the engine may have restarted
-                self._client, self._ledger, self._probed = None, None, None
+            self.reset()
             # Docker's client names a unix socket "http+docker://localhost": say which.
             said = str(exc) if isinstance(exc, LedgerError) else (
                 f"its Docker engine did not answer ({exc})")
+            if said.startswith(f"host {self.host.name}:"):
+                said = said[len(f"host {self.host.name}:"):].strip()
             raise LedgerError(f"host {self.host.name} ({self.host.url}): {said}") from exc
 
     def begin(self, pool: ThreadPoolExecutor) -> Future[Snapshot]:
@@ -263,6 +304,21 @@ class HostView(JSONRecord):
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "up": self.up, "down": self.down,
                 "snapshot": None if self.snapshot is None else self.snapshot.to_json()}
+
+    def summary(self, url: str) -> dict[str, Any]:
+        """What the CLI's ``hosts``, the admin page and its JSON API show of a host: up with
+        its GPUs, holders and free devices per profile, or down with the reason."""
+        snap = self.snapshot
+        if snap is None:
+            return {"name": self.name, "url": url, "up": False, "down": self.down}
+        return {
+            "name": self.name, "url": url, "up": True, "down": "",
+            "gpus": len(snap.inventory.gpus), "migs": len(snap.inventory.migs),
+            "holders": sorted({a.container_name for a in snap.allocations
+                               if a.holds and a.uuids}),
+            "free": snap.free_json(),
+            "problems": list(snap.inventory.problems),
+        }
 
 
 def read_all(

@@ -35,6 +35,8 @@ GPU_PROFILE = "ds01.gpu.profile"
 GPU_EQUIVALENTS = "ds01.gpu.equivalents"
 GPU_ALLOCATED_AT = "ds01.gpu.allocated_at"
 GPU_PRIORITY = "ds01.gpu.priority"
+#: The host (of the hub's ``hosts``) the container was made on; absent on a one-host hub.
+HOST = "ds01.host"
 PORT_PREFIX = "ds01.port."
 
 #: Older DS01 spellings that readers still accept.
@@ -69,6 +71,7 @@ class LabelRecord(JSONRecord):
     created_at: datetime | None = None
     allocated_at: datetime | None = None
     problems: tuple[str, ...] = ()
+    host: str | None = None
 
 
 def utc_iso(moment: datetime) -> str:
@@ -114,8 +117,10 @@ def encode(
     equivalents: float = 0.0,
     priority: int = 0,
     ports: Mapping[str, int] | None = None,
+    host: str | None = None,
 ) -> dict[str, str]:
-    """The labels of a new container. Values are strings, as Docker stores them."""
+    """The labels of a new container. Values are strings, as Docker stores them. ``host``
+    only on a hub of several hosts: a one-host hub's labels stay as they always were."""
     stamp = utc_iso(created_at)
     labels = {
         MANAGED: "true",
@@ -140,6 +145,8 @@ def encode(
         labels[GPU_ALLOCATED_AT] = stamp
     for name, port in (ports or {}).items():
         labels[port_label(name)] = str(int(port))
+    if host:
+        labels[HOST] = host
     return labels
 
 
@@ -263,4 +270,5 @@ def decode(labels: Mapping[str, str] | None) -> LabelRecord:
         created_at=when(CREATED_AT),
         allocated_at=when(GPU_ALLOCATED_AT),
         problems=tuple(problems),
+        host=labels.get(HOST) or None,
     )

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -24,7 +26,19 @@ from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import default
 
-from . import allocator, boot, cuda, events, form, inventory, labels, ports, records, spawnplan
+from . import (
+    allocator,
+    boot,
+    cuda,
+    events,
+    form,
+    hosts,
+    inventory,
+    labels,
+    ports,
+    records,
+    spawnplan,
+)
 from . import ledger as ledger_mod
 from .allocator import Refusal
 from .errors import docker_down, refuse, refused
@@ -68,8 +82,9 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     what), and ``port_range``; everything else has working defaults.
     """
 
-    # One lock per hub process: from the read of Docker until the container is created.
-    _allocation_lock: ClassVar[asyncio.Lock | None] = None
+    # One lock per host and hub process: from the read of Docker until the container is
+    # created. Spawns on different hosts of a hub of several run side by side.
+    _allocation_locks: ClassVar[dict[str, asyncio.Lock]] = {}
     _ledgers: ClassVar[dict[str, Ledger]] = {}
     _policies: ClassVar[dict[str, PolicyFile]] = {}
     _event_logs: ClassVar[dict[str, EventLog]] = {}
@@ -126,14 +141,14 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     async def poll(self):
         try:
             return await super().poll()
-        except (docker.errors.DockerException, *_TRANSIENT) as exc:
+        except (docker.errors.DockerException, LedgerError, *_TRANSIENT) as exc:
             if isinstance(exc, docker.errors.APIError) and exc.status_code and (
                 exc.status_code < 500
             ):
                 raise
             # The engine is down or restarting, not the container: claim nothing changed, so
             # the hub keeps the server (Docker still has it) instead of forgetting it.
-            type(self)._client = None
+            self._reconnect()
             self.log.warning("Docker does not answer a poll of %s (%s); assuming it still "
                              "runs", self._log_name, exc)
             return None
@@ -159,20 +174,237 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     @property
     def ledger(self) -> Ledger:
+        """The ledger of the server's host."""
+        return self._ledger_of(self.host_name)
+
+    def _ledger_of(self, name: str | None) -> Ledger:
+        reader = self._reader(name)
+        if reader is not None:
+            return reader.ledger()
         # One ledger (and its cache) per Docker client: base_url alone reads the same
         # "http+docker://localhost" for every unix socket.
-        key = str(id(self.client))
+        client = DockerSpawner.client.fget(self)
+        key = str(id(client))
         if key not in self._ledgers:
-            self._ledgers[key] = Ledger(
-                self.client, start_timeout=self.start_timeout, logger=self.log
-            )
+            self._ledgers[key] = Ledger(client, start_timeout=self.start_timeout, logger=self.log)
         return self._ledgers[key]
 
-    @classmethod
-    def _lock(cls) -> asyncio.Lock:
-        if cls._allocation_lock is None:
-            cls._allocation_lock = asyncio.Lock()
-        return cls._allocation_lock
+    def _lock(self) -> asyncio.Lock:
+        key = self.host_name or ""
+        if key not in self._allocation_locks:
+            self._allocation_locks[key] = asyncio.Lock()
+        return self._allocation_locks[key]
+
+    # ------------------------------------------------------------------ several hosts
+
+    #: The host (of ``hosts``) this server's container is on or is being made on, kept in
+    #: the hub's state; None on a one-host hub.
+    host_name: str | None = None
+    #: The last read of every host answering (name -> snapshot), from the choice of a host.
+    _views: dict[str, Snapshot] = {}  # noqa: RUF012 - replaced, never changed in place
+    _host_readers: ClassVar[dict[tuple[hosts.Host, str], hosts.HostReader]] = {}
+    #: This hub's spawns on their way to a host: spawner -> (host, GPU-equivalents or one
+    #: CPU server, when its container was made or None). The choice of a host counts each
+    #: one that a read of Docker may not show yet, so twenty spawns at once spread (or
+    #: pack) as if one after another.
+    _on_the_way: ClassVar[dict[int, tuple[str, float, float | None]]] = {}
+    _parsed_hosts: tuple[Any, tuple[hosts.Host, ...]] | None = None
+
+    def _host_list(self) -> tuple[hosts.Host, ...]:
+        """``hosts``, parsed (checked when the config was loaded)."""
+        if self._parsed_hosts is None or self._parsed_hosts[0] is not self.hosts:
+            self._parsed_hosts = (self.hosts, hosts.parse_hosts(self.hosts))
+        return self._parsed_hosts[1]
+
+    def _own_url(self) -> str:
+        """The hub's own engine, as DockerSpawner connects to it."""
+        return ((self.client_kwargs or {}).get("base_url") or os.environ.get("DOCKER_HOST")
+                or "unix:///var/run/docker.sock")
+
+    def _host(self, name: str | None) -> hosts.Host | None:
+        """Host ``name`` of ``hosts``; for None (or a name no longer configured) the hub's
+        own engine's, else the first. None on a one-host hub."""
+        if not self.hosts:
+            return None
+        found = self._host_list()
+        host = next((h for h in found if h.name == name), None)
+        if host is None:
+            own = self._own_url()
+            host = next((h for h in found if hosts.same_endpoint(h.url, own)), found[0])
+        return host
+
+    def _reader(self, name: str | None) -> hosts.HostReader | None:
+        """The reader of host ``name``: None for the hub's own engine (DockerSpawner's
+        client, NVML), and on a one-host hub."""
+        host = self._host(name)
+        if host is None or hosts.same_endpoint(host.url, self._own_url()):
+            return None
+        key = (host, self.hub_id)
+        reader = self._host_readers.get(key)
+        if reader is None:
+            reader = self._host_readers[key] = hosts.HostReader(
+                host, image=self._unapplied("image"), hub_id=self.hub_id,
+                policy=Policy.default, start_timeout=self.start_timeout)
+        return reader
+
+    @property
+    def client(self) -> Any:
+        """The Docker client of the server's host: DockerSpawner's for the hub's own."""
+        return self._client_of(self.host_name)
+
+    def _client_of(self, name: str | None) -> Any:
+        reader = self._reader(name)
+        if reader is None:
+            return DockerSpawner.client.fget(self)
+        return reader.client().api  # LedgerError naming the host when it does not answer
+
+    def _reconnect(self) -> None:
+        """The server's engine failed: connect again on the next call."""
+        reader = self._reader(self.host_name)
+        if reader is None:
+            type(self)._client = None
+        else:
+            reader.reset()
+
+    def get_state(self) -> dict[str, Any]:
+        state = super().get_state()
+        if self.host_name:
+            state["gpu_host"] = self.host_name
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        if state.get("gpu_host"):
+            self.host_name = state["gpu_host"]
+
+    async def _read_hosts(self) -> tuple[dict[str, Snapshot], dict[str, str]]:
+        """Every host at once, as a spawn's plan reads its own (``STOPPED_MAX_AGE``): the
+        snapshots of those that answer, and why each other does not."""
+        names = [h.name for h in self._host_list()]
+
+        async def one(name: str) -> Snapshot | str:
+            try:
+                return await asyncio.wait_for(self._run(
+                    self._snapshot_of, name, "", self.STOPPED_MAX_AGE), self.HOST_READ_TIMEOUT)
+            except asyncio.TimeoutError:
+                return f"host {name}: its Docker engine did not answer within " \
+                       f"{self.HOST_READ_TIMEOUT:g} s"
+            except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+                return str(exc)
+
+        read = await asyncio.gather(*(one(name) for name in names))
+        views = {n: r for n, r in zip(names, read, strict=True) if isinstance(r, Snapshot)}
+        down = {n: r for n, r in zip(names, read, strict=True) if isinstance(r, str)}
+        return views, down
+
+    #: Seconds a host's read may take when a spawn chooses its host; a host that takes
+    #: longer is down for that spawn.
+    HOST_READ_TIMEOUT = 15.0
+
+    async def _home(self, views: Mapping[str, Snapshot], down: Mapping[str, str]) -> str | None:
+        """The host this server's container is on: looked up by name on every host that
+        answers (the files are there, so the server stays there); the host the hub's state
+        names when it does not answer, or when it keeps the saved copy of the server's last
+        container. None for a server that has nothing on any host."""
+        name = self.object_name
+
+        def on(host: str) -> bool:
+            try:
+                self._client_of(host).inspect_container(name)
+                return True
+            except docker.errors.NotFound:
+                return False
+
+        try:
+            found = await asyncio.gather(*(self._run(on, host) for host in views))
+        except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+            raise docker_down(exc) from exc
+        there = [host for host, yes in zip(views, found, strict=True) if yes]
+        if self.host_name in there or (self.host_name in down and not there):
+            return self.host_name
+        if there:
+            return there[0]
+        if self.remove:
+            return None
+        # No container: the host keeping the saved copy of its last one (an admin released
+        # it), the one the hub's state names first.
+        order = sorted(views, key=lambda host: host != self.host_name)
+
+        def saved(host: str) -> str | None:
+            return ledger_mod.saved_image(self._client_of(host), hub=self.hub_id,
+                                          user=self.user.name, server=self.name)
+
+        try:
+            kept = await asyncio.gather(*(self._run(saved, host) for host in order))
+        except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+            raise docker_down(exc) from exc
+        return next((host for host, image in zip(order, kept, strict=True) if image), None)
+
+    #: What this spawn adds to each host it fits on (``_on_the_way``).
+    _amounts: dict[str, float] = {}  # noqa: RUF012 - replaced, never changed in place
+
+    def _on_its_way(self, made: bool = False) -> None:
+        """Count this spawn on its host until it ends (``_on_the_way``)."""
+        if self.host_name is not None:
+            self._on_the_way[id(self)] = (self.host_name, self._amounts.get(self.host_name, 0.0),
+                                          time.monotonic() if made else None)
+
+    async def _host_candidates(
+        self, profile: Profile, wanted: dict[str, int], limits: Any
+    ) -> list[str]:
+        """The hosts this spawn is tried on, in order: the server's own host alone (its
+        files are there), else every host answering that it fits on, by
+        ``allocation_strategy`` (``spawnplan.order_hosts``). Refuses when none fits, saying
+        why on each host, or when the host it must use does not answer."""
+        read_at = time.monotonic()
+        views, down = await self._read_hosts()
+        self._views = views
+        home = await self._home(views, down)
+        if home is not None:
+            if home in down:
+                raise refuse(
+                    f"Your server is on host {home}, which does not answer now "
+                    f"({down[home]}); your files are safe there. Try again in a few minutes; "
+                    "if it persists, tell an admin.", spawnplan.HOST_DOWN, 503)
+            return [home]
+        if not views:
+            raise refuse("No GPU host answers now (" + "; ".join(down.values()) + "). Try "
+                         "again in a few minutes; if it persists, tell an admin.",
+                         spawnplan.HOST_DOWN, 503)
+        self.host_name = next(iter(views))
+        request = await self._spawn_request(profile, wanted)
+        fits: list[tuple[str, float]] = []
+        refusals: dict[str, Refusal] = {}
+        self._amounts = {}
+        pending: dict[str, float] = {}
+        for name, amount, made in self._on_the_way.values():
+            if made is None or made > read_at:  # not in that host's read
+                pending[name] = pending.get(name, 0.0) + amount
+        for name, snap in views.items():
+            mine = spawnplan.with_elsewhere(snap, spawnplan.held_elsewhere(
+                views, name, self.hub_id, self.user.name))
+            result = spawnplan.plan(mine, replace(request, host=name, saved_image=None),
+                                    lambda _port: True, limits)
+            if isinstance(result, Refusal):
+                refusals[name] = result
+            else:
+                fits.append((name, spawnplan.host_load(snap, profile.wants_gpu,
+                                                       pending.get(name, 0.0))))
+                self._amounts[name] = result.choice.equivalents if profile.wants_gpu else 1.0
+        if fits:
+            return list(spawnplan.order_hosts(fits, self.allocation_strategy))
+        first = next(iter(refusals.values()))
+        if self.gpu_wait_timeout and all(r.code == allocator.FULL for r in refusals.values()):
+            return [next(iter(refusals))]  # the spawn waits there, as on one host
+        if len({r.message for r in refusals.values()}) == 1:
+            message = first.message  # the policy's word, the same on every host
+        else:
+            message = "; ".join(f"on host {n}: {r.message}" for n, r in refusals.items())
+        if down:
+            message += "; " + "; ".join(down.values())
+        self.event_log.write(events.GPU_REFUSE, user=self.user.name, server=self.name,
+                             code=first.code, reason=message, holders=[])
+        raise refused(Refusal(first.code, message))
 
     def load_policy(self) -> Policy:
         """The policy, re-read when the file changes. Raises a SpawnException on errors."""
@@ -227,10 +459,18 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     REFRESH_AFTER = 30.0
 
     def take_snapshot(self, live: str = "", stopped_max_age: float = 0.0) -> Snapshot:
-        """Read the world once (blocking: call through the executor)."""
+        """Read the server's host once (blocking: call through the executor)."""
+        return self._snapshot_of(self.host_name, live, stopped_max_age)
+
+    def _snapshot_of(self, name: str | None, live: str = "",
+                     stopped_max_age: float = 0.0) -> Snapshot:
+        reader = self._reader(name)
+        if reader is not None:
+            return reader.read(self.load_policy(), live=live, stopped_max_age=stopped_max_age,
+                               busy_memory_mib=self.busy_memory_mib)
         self.inventory_reader.begin()  # NVML on its thread while Docker lists
-        return take(self.read_inventory, self.ledger, self.load_policy(), hub_id=self.hub_id,
-                    live=live, stopped_max_age=stopped_max_age,
+        return take(self.read_inventory, self._ledger_of(name), self.load_policy(),
+                    hub_id=self.hub_id, live=live, stopped_max_age=stopped_max_age,
                     busy_memory_mib=self.busy_memory_mib)
 
     async def snapshot(self, live: str = "", stopped_max_age: float = 0.0) -> Snapshot:
@@ -277,9 +517,17 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             return ""  # DockerSpawner's server, nothing to choose
         blocked: dict[str, str] = {}
         try:
-            snap = await self.snapshot()
-            free, has_gpus, trouble = snap.free_by_profile(), bool(snap.inventory.gpus), None
-            blocked = await self._cuda_blocked(profiles, snap.inventory)
+            if self.hosts:  # what every host answering offers, summed
+                views, _down = await self._read_hosts()
+                snaps = list(views.values())
+                if not snaps:
+                    raise docker_down(LedgerError("no host answers"))
+                free = allocator.summed(s.free_by_profile() for s in snaps)
+                has_gpus, trouble = any(s.inventory.gpus for s in snaps), None
+            else:
+                snap = await self.snapshot()
+                free, has_gpus, trouble = snap.free_by_profile(), bool(snap.inventory.gpus), None
+                blocked = await self._cuda_blocked(profiles, snap.inventory)
         except web.HTTPError as exc:
             free, has_gpus, trouble = {}, True, exc.log_message
         last = dict(self.user_options or {})
@@ -463,7 +711,15 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         if plan is None:
             return await super().create_object()
         admin_kwargs, admin_host = self.extra_create_kwargs, self.extra_host_config
-        create, host = spawnplan.docker_kwargs(plan, self.ports_host_ip or self.host_ip)
+        publish, host_ip = self.ports_host_ip or self.host_ip, self.host_ip
+        reader = self._reader(self.host_name)
+        if reader is not None:  # another host: published on its address, reached there
+            if not reader.host.address:
+                raise refuse(f"The hub's setting for host {reader.host.name} has no address "
+                             "(the IP its servers are published on and reached at); ask an "
+                             "admin to add it.", "hosts", 500)
+            publish = self.host_ip = reader.host.address
+        create, host = spawnplan.docker_kwargs(plan, publish)
 
         async def merged(spawner: GPUSpawner, admin: Any, ours: dict[str, Any]) -> dict[str, Any]:
             value = spawner._eval_if_callable(admin)
@@ -475,6 +731,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             return await super().create_object()
         finally:
             self.extra_create_kwargs, self.extra_host_config = admin_kwargs, admin_host
+            self.host_ip = host_ip
 
     # ------------------------------------------------------------------ spawn
 
@@ -485,10 +742,11 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self._reset_progress()
         try:
             return await self._start()
-        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException,
+                LedgerError) as exc:
             if isinstance(exc, docker.errors.APIError):
                 raise
-            type(self)._client = None  # reconnect on the next call
+            self._reconnect()  # on the next call
             raise docker_down(exc) from exc
         finally:
             if "image" in self._applied:  # what was chosen, not the saved copy it ran from
@@ -496,6 +754,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self._steps.finish()
             self._plan = None
             self._waiters.leave(self._log_name)
+            self._on_the_way.pop(id(self), None)
 
     #: The kinds of spawn (MIG profile, "gpu", "cpu") the host had everything for in the
     #: boot window (``_await_host``).
@@ -510,6 +769,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         again: the window is for the host coming up, not for what happens after."""
         key = profile.mig_profile or ("gpu" if profile.wants_gpu else "cpu")
         if time.monotonic() - _LOADED > self.boot_timeout or key in GPUSpawner._host_ready:
+            return
+        if self.hosts:  # the hub's host booting is one host of several: the others serve
             return
         own_deadline = time.monotonic() + max(0.0, float(self.start_timeout) - 15)
         wanted = [profile.mig_profile] if profile.mig_profile else []
@@ -547,12 +808,18 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         if getattr(self, "orm_spawner", None) is not None:
             self.orm_spawner.user_options = self.user_options
         self._progress(10, f"Profile {profile.display_name} ({profile.request_label()})")
-        await self.pull_image(self.image)
-        image = self.image
-        await self._check_cuda(profile, image)
         wanted_ports = self._wanted_ports(profile)
         policy = await self._run(self.load_policy)  # a file read and YAML: off the loop
         limits = policy.for_user(self.user.name, self._groups()).limits
+        candidates: list[str] = []
+        if self.hosts:
+            candidates = await self._host_candidates(profile, wanted_ports, limits)
+            self.host_name = candidates.pop(0)
+            self._on_its_way()
+            self._progress(12, f"Host {self.host_name}")
+        await self.pull_image(self.image)
+        image = self.image
+        await self._check_cuda(profile, image)
         quota = limits.max_gpu_equivalents
         self._progress(15, "Policy checked: " + (
             "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
@@ -564,16 +831,32 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 await self._release_place()  # after a port taken at the start, say
                 if self.object_id:  # the server's own container is read afresh, always
                     self.ledger.forget(self.object_id)
+                next_host = False
                 async with self._lock():
                     snap = spawnplan.with_starting(
                         await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),
                         self._starting)
+                    snap = spawnplan.with_elsewhere(snap, spawnplan.held_elsewhere(
+                        self._views, self.host_name or "", self.hub_id, self.user.name))
                     request = await self._spawn_request(profile, wanted_ports)
                     result = spawnplan.plan(snap, request, self._port_free, limits)
-                    if not (isinstance(result, Refusal) and result.code == allocator.FULL
-                            and self.gpu_wait_timeout and not waited):
+                    full = isinstance(result, Refusal) and result.code == allocator.FULL
+                    if full and candidates:  # taken since the hosts were read: the next one
+                        next_host = True
+                    elif isinstance(result, Refusal) and self.hosts:
+                        result = replace(result, message=f"on host {self.host_name}: "
+                                                         f"{result.message}")
+                    elif not (full and self.gpu_wait_timeout and not waited):
                         self._plan = await self._carry_out(result)
                         self._mark_starting(snap)
+                        self._on_its_way(made=True)
+                if next_host:
+                    self.host_name = candidates.pop(0)
+                    self._on_its_way()
+                    self._progress(12, f"Host {self.host_name}")
+                    await self.pull_image(self.image)
+                    await self._check_cuda(profile, image)
+                    continue
                 if self._plan is None:  # full: wait outside the lock, then plan again
                     waited = True
                     await self._wait_for_device(request, limits)
@@ -654,7 +937,11 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         except docker.errors.ImageNotFound:
             return  # the create says so, as for any image
         # The driver's versions change only with a driver reload: any inventory read says.
-        inv = self.inventory_reader.latest() or await self._run(self.read_inventory)
+        reader = self._reader(self.host_name)
+        if reader is not None:
+            inv = await self._run(reader.inventory)
+        else:
+            inv = self.inventory_reader.latest() or await self._run(self.read_inventory)
         sentence = cuda.check(cuda.image_env(info), cuda.Host.of(inv), image=image,
                               container_env=self.get_env())
         if sentence:
@@ -663,6 +950,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             raise refuse(sentence, cuda.CODE, 409)
 
     def _port_free(self, port: int) -> bool:
+        if self._reader(self.host_name) is not None:
+            return True  # another host: its engine's refusal at the start says (and heals)
         return ports.host_port_free(port, self.ports_host_ip or self.host_ip)
 
     async def _spawn_request(self, profile: Profile, wanted: dict[str, int]):
@@ -687,6 +976,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             strategy=self.allocation_strategy, saved_image=saved, image=self.image,
             avoid_ports=self._avoided_ports(),
             now=datetime.now(timezone.utc),
+            host=self.host_name if self.hosts else None,
         )
 
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -738,6 +1028,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             events.CONTAINER_CREATE, user=user, server=server, container=self.object_name,
             id=self.object_id[:12], image=self.image, devices=list(plan.device_ids),
             slots=list(plan.choice.slots), ports=plan.host_ports,
+            **({"host": self.host_name} if self.hosts else {}),
         )
         self._progress(60, f"Container {self.object_name} created")
         if plan.replaced is not None:
@@ -929,7 +1220,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 return False
             if "unknown device" not in str(exc):
                 raise
-            self.inventory_reader.invalidate()  # the next plan reads the GPUs again
+            reader = self._reader(self.host_name)  # the next plan reads the GPUs again
+            (self.inventory_reader if reader is None else reader).invalidate()
             self.log.warning("GPU vanished while starting %s: %s", self.object_name, exc)
             self._progress(65, "The GPU device vanished at the start; choosing again")
             self._plan = None

@@ -52,6 +52,8 @@ NAME_CLASH = "name-clash"
 GPU_LOST = "gpu-lost"
 PORTS = "ports"
 BUSY = "busy"  # the server's own container runs already and holds what another needs
+#: A hub of several hosts: the host a spawn needs (its server's, or every one) is down.
+HOST_DOWN = "host-down"
 
 #: Reasons the user's own container must be replaced because of its GPU.
 _GPU_REASONS = frozenset({GPU_GONE, GPU_GIVEN_AWAY, GPU_UNAVAILABLE})
@@ -102,6 +104,8 @@ class SpawnRequest(JSONRecord):
     #: Host ports Docker recently refused to bind ("port is already allocated"): something
     #: the hub cannot see (from a container's network namespace) uses them.
     avoid_ports: tuple[int, ...] = ()
+    #: The host (of the hub's ``hosts``) this spawn is planned on; None on a one-host hub.
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -342,6 +346,7 @@ def plan(
         created_at=req.now, slots=choice.slots, uuids=choice.uuids,
         parent_uuids=choice.parent_uuids, gis=choice.gis, gpu_profile=choice.gpu_profile,
         equivalents=choice.equivalents, priority=limits.priority, ports=chosen,
+        host=req.host,
     )
     events.append(Event("gpu.allocate", (
         ("profile", req.profile), ("devices", list(choice.uuids)), ("slots", list(choice.slots)),
@@ -533,3 +538,49 @@ def with_starting(snap: Snapshot, starting: Mapping[str, Allocation]) -> Snapsho
         for a in snap.allocations
     ] + [replace(a, state=CREATED) for cid, a in starting.items() if cid not in seen]
     return replace(snap, allocations=tuple(allocations))
+
+
+# ---------------------------------------------------------------- several hosts
+
+
+def with_elsewhere(snap: Snapshot, elsewhere: Sequence[Allocation]) -> Snapshot:
+    """One host's snapshot with what the user holds on the hub's other hosts: policy limits
+    (GPU-equivalents, servers, devices) count across all hosts. Those containers' devices
+    are not this host's (a UUID names one device in the world), so they never block one of
+    its devices; they are only charged, by their labels, to their users."""
+    if not elsewhere:
+        return snap
+    return replace(snap, allocations=snap.allocations + tuple(elsewhere))
+
+
+def held_elsewhere(views: Mapping[str, Snapshot], host: str, hub: str | None,
+                   user: str) -> tuple[Allocation, ...]:
+    """The containers of ``user`` on this hub that hold something on hosts other than
+    ``host``: what ``with_elsewhere`` adds to ``host``'s snapshot."""
+    return tuple(a for name, snap in views.items() if name != host
+                 for a in snap.allocations if a.holds and a.is_ours(hub) and a.user == user)
+
+
+def host_load(snap: Snapshot, wants_gpu: bool, pending: float = 0.0) -> float:
+    """How busy a host is, for the choice of a host: for a GPU spawn, the share of its GPUs
+    held (GPU-equivalents of the devices its holding containers occupy, plus ``pending``
+    ones this hub's spawns are about to take there, over its GPUs); for a CPU server, its
+    running containers of this hub plus ``pending`` servers on their way."""
+    if not wants_gpu:
+        return pending + float(sum(1 for a in snap.allocations
+                                   if a.state == RUNNING and a.is_ours(snap.hub_id)))
+    if not snap.inventory.gpus:
+        return 0.0
+    devices = snap.inventory.by_uuid()
+    taken = allocator.Taken(snap.inventory, snap.allocations)
+    held = sum(devices[uuid].equivalents for uuid in taken.by_uuid)
+    return (held + pending) / len(snap.inventory.gpus)
+
+
+def order_hosts(fits: Sequence[tuple[str, float]], strategy: str) -> tuple[str, ...]:
+    """The hosts a spawn fits on (name, ``host_load``), in the order they are tried:
+    ``pack`` the busiest first (whole hosts stay free), ``spread`` the emptiest first; a tie
+    keeps the order of the hub's ``hosts``."""
+    sign = -1.0 if strategy == allocator.PACK else 1.0
+    ranked = sorted(enumerate(fits), key=lambda item: (sign * item[1][1], item[0]))
+    return tuple(name for _index, (name, _load) in ranked)

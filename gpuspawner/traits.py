@@ -16,13 +16,15 @@ from traitlets import (
     Float,
     Int,
     List,
+    TraitError,
     Tuple,
     Unicode,
     Union,
+    validate,
 )
 from traitlets.config import Configurable
 
-from . import allocator, inventory
+from . import allocator, hosts, inventory
 
 
 class GPUSpawnerTraits(Configurable):
@@ -177,8 +179,33 @@ class GPUSpawnerTraits(Configurable):
         default_value=allocator.PACK,
         config=True,
         help="""``pack``: fill partly used GPUs first so whole GPUs stay free for multi-GPU
-        profiles; ``spread``: prefer the emptiest GPU.""",
+        profiles; ``spread``: prefer the emptiest GPU. On a hub of several ``hosts``, the
+        same for hosts: ``pack`` fills the busiest host a server fits on, ``spread`` the
+        emptiest.""",
     )
+
+    hosts = Dict(
+        config=True,
+        help="""GPU hosts this hub starts servers on, each through its own Docker engine:
+        ``{name: url}`` or ``{name: {url:, address:, tls_ca:, tls_cert:, tls_key:}}``, with
+        ``unix://``, ``ssh://`` or ``tcp://`` (with TLS client certificates) endpoints
+        (docs/scaling.md). Empty, the default: the hub's own engine (DockerSpawner's
+        ``client_kwargs`` or ``DOCKER_HOST``) only, as always. The host whose endpoint is the
+        hub's own engine reads its GPUs through NVML; every other through a short-lived
+        probe container on its engine. A server on another host is published on that
+        host's ``address`` (required for it) and reached there. Each container is labelled
+        ``ds01.host=<name>``, and a server stays on its host.""",
+    )
+
+    @validate("hosts")
+    def _valid_hosts(self, proposal: dict) -> dict:
+        value = proposal["value"]
+        if value:
+            try:
+                hosts.parse_hosts(value)
+            except hosts.HostsError as exc:
+                raise TraitError(f"GPUSpawner.hosts: {exc}") from exc
+        return value
 
     events_file = Unicode(
         None,

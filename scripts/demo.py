@@ -1,5 +1,8 @@
 """The demo: JupyterHub with gpuspawner on a simulated A100 x4 host, on this machine.
 
+With ``--hosts 2``, a second simulated host (H100 x2) with a Docker engine of its own, reached
+the way a hub reaches another GPU server (docs/scaling.md); new servers spread over both.
+
 Started by ``bash scripts/demo.sh`` (which installs what it needs first). It runs a private
 Docker engine whose NVIDIA device driver is the simulator's (tests/gpusim), builds the
 single-user image offline, and starts JupyterHub with the repository's own
@@ -38,6 +41,8 @@ from tests.images import load_builder  # noqa: E402
 #: The demo's single-user image: docker/singleuser/Dockerfile (JupyterLab), built offline on
 #: the local Debian base by docker/build_images.py, as ``scripts/build-images.sh --local``.
 DEMO_IMAGE = "gpuspawner/singleuser:demo"
+#: Where the second host's servers are published and reached (``--hosts 2``).
+SECOND_ADDRESS = "127.0.0.2"
 #: The name a simulated training run has in its container (``ps``, ``docker top``).
 TRAINING = "/tmp/train.py"
 
@@ -203,9 +208,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8000, help="public port (127.0.0.1)")
     parser.add_argument("--topology", default="a100x4", help="simulated host (tests/gpusim)")
     parser.add_argument("--password", default="demo", help="password of every demo user")
+    parser.add_argument("--hosts", type=int, choices=(1, 2), default=1,
+                        help="simulated GPU hosts: 2 adds an H100 x2 host with its own engine")
     args = parser.parse_args()
 
-    engine = PrivateEngine(EnginePaths.from_env({"GPUSPAWNER_TEST_ROOT": str(DEMO_ROOT)}))
+    paths = EnginePaths.from_env({"GPUSPAWNER_TEST_ROOT": str(DEMO_ROOT)})
+    engine = PrivateEngine(paths)
+    #: The second host's engine (``--hosts 2``): its servers are published on 127.0.0.2.
+    second = PrivateEngine(paths.beside("remote-h100")) if args.hosts == 2 else None
     hub: subprocess.Popen | None = None
     stopping = False
     #: Only the hub's environment has it: what the final sweep looks for.
@@ -230,6 +240,16 @@ def main() -> int:
         work = DEMO_ROOT / "hub"
         work.mkdir(parents=True, exist_ok=True)
         (work / "policy.yaml").write_text(POLICY)
+        hosts_file = work / "hosts.yaml"
+        hosts_file.unlink(missing_ok=True)
+        if second is not None:
+            say("demo: starting a second host: its own Docker engine, a simulated H100 x2 ...")
+            second.start()
+            Simulator(second.state_path, second.hook_log).install("h100x2")
+            build_image(second.client)
+            hosts_file.write_text(
+                f"gpu1: {engine.base_url}\n"
+                f"gpu2: {{url: {second.base_url}, address: {SECOND_ADDRESS}}}\n")
         env = dict(os.environ)
         for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
             env.pop(proxy, None)
@@ -249,6 +269,8 @@ def main() -> int:
             "GPUSPAWNER_VOLUMES": "0",
             "GPUSPAWNER_CULL_IDLE": "3600",
         })
+        if second is not None:
+            env.update({"GPUSPAWNER_HOSTS": str(hosts_file), "GPUSPAWNER_STRATEGY": "spread"})
         env["GPUSPAWNER_DEMO_RUN"] = marker.decode().partition("=")[2]
         jupyterhub = str(Path(sys.executable).parent / "jupyterhub")
         config = str(ROOT / "jupyterhub_config.py")
@@ -268,6 +290,11 @@ def main() -> int:
         cli = " ".join(f"{k}={v}" for k, v in cli_environment(engine, work).items())
         say(f"demo: the gpuspawner command on the demo's engine and simulated GPUs:\n"
             f"  {cli} {Path(sys.executable).parent / 'gpuspawner'} gpus")
+        if second is not None:
+            say("demo: two GPU hosts, gpu1 (A100 x4, servers on 127.0.0.1) and gpu2 (H100 x2, "
+                f"servers on {SECOND_ADDRESS}); new servers spread over both. Both at once:\n"
+                f"  {cli} GPUSPAWNER_HOSTS={hosts_file} GPUSPAWNER_PROBE_IMAGE={image} "
+                f"{Path(sys.executable).parent / 'gpuspawner'} hosts")
         say(f"demo: a simulated training run on ann's slice (once her GPU server runs):\n"
             f"  {sys.executable} scripts/demo.py train ann   (and: stop-training ann)")
         say("demo: Ctrl-C stops everything\n")
@@ -282,12 +309,16 @@ def main() -> int:
         swept = sweep(marker)  # what a hub that could not finish its stop left behind
         if swept:
             say(f"demo: ended {swept} process(es) the hub left running")
-        try:
-            removed = engine.remove_containers()
-            engine.stop()
-            say(f"demo: removed {removed} container(s), stopped the engine; nothing left running")
-        except Exception as exc:  # the engine never started
-            say(f"demo: {exc}")
+        for one in (engine, second):
+            if one is None:
+                continue
+            try:
+                removed = one.remove_containers()
+                one.stop()
+                say(f"demo: removed {removed} container(s), stopped the engine at "
+                    f"{one.base_url}; nothing left running")
+            except Exception as exc:  # the engine never started
+                say(f"demo: {exc}")
     return 0
 
 

@@ -15,6 +15,7 @@ assistants) are optional and need one custom scope, see ``custom_scopes`` and ``
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -69,6 +70,9 @@ _FROM_SPAWNER: tuple[tuple[str, str], ...] = (
     # JupyterHub's Spawner.start_timeout: how long a created container is a spawn in flight.
     ("start_timeout", "GPUSPAWNER_START_TIMEOUT"),
     ("busy_memory_mib", "GPUSPAWNER_BUSY_MEMORY_MIB"),
+    ("hosts", "GPUSPAWNER_HOSTS"),
+    # The servers' image, which every host has: what the probe of a host's GPUs runs.
+    ("image", "GPUSPAWNER_PROBE_IMAGE"),
 )
 #: Variables passed through from the hub's own environment when set there.
 _PASS_THROUGH: tuple[str, ...] = (
@@ -101,6 +105,8 @@ def _env_value(trait: str, value: Any) -> str:
     if trait == "port_range":
         low, high = value
         return f"{int(low)}-{int(high)}"
+    if trait == "hosts":
+        return json.dumps(dict(value))
     return str(value)
 
 
@@ -126,7 +132,7 @@ def service(
     env: dict[str, str] = {k: os.environ[k] for k in _PASS_THROUGH if os.environ.get(k)}
     for trait, variable in _FROM_SPAWNER:
         value = _configured(config, trait)
-        if value not in (None, ""):
+        if value not in (None, "") and (trait != "hosts" or value):
             env[variable] = _env_value(trait, value)
     client_kwargs = _configured(config, "client_kwargs")
     if isinstance(client_kwargs, Mapping) and client_kwargs.get("base_url"):

@@ -45,7 +45,7 @@ from jupyterhub.services.auth import (
 from tornado import web
 from tornado.httpserver import HTTPServer
 
-from .. import events, health
+from .. import events, health, hosts
 from ..inventory import InventoryError
 from ..ledger import LedgerError, connect
 from ..policy import PolicyError
@@ -109,7 +109,13 @@ class Admin:
         self.renderer = Renderer()
         self.event_log = events.EventLog(settings.events, max_bytes=settings.events_max_bytes,
                                          keep_files=settings.events_keep)
-        self.registry = metrics.registry(self.take, settings.events)
+        self.registry = metrics.registry(self.take, settings.events,
+                                         self.read_hosts if settings.hosts else None)
+        #: The hub's hosts (``read_hosts``): readers made on first use, the last read.
+        self._host_readers: list[hosts.HostReader] | None = None
+        self._host_pool: ThreadPoolExecutor | None = None
+        self._hosts_read: tuple[float, list[dict[str, Any]]] | None = None
+        self._hosts_lock = threading.Lock()
         #: The GPU activity reporter's task (``report_activity_forever``), when running.
         self.reporter: asyncio.Future[None] | None = None
         #: Container id -> when its devices last ran a compute process (``time.monotonic``).
@@ -237,6 +243,46 @@ class Admin:
             self.event_log.write(events.GPU_DISAGREE, container=a.container_name, user=a.user,
                                  hub=a.hub, devices=list(a.uuids), reason=a.disagreement,
                                  via="admin-page")
+
+    #: Seconds one read of every host serves pages, API calls and scrapes.
+    HOSTS_MAX_AGE = 2.0
+
+    def read_hosts(self) -> list[dict[str, Any]]:
+        """Every host of the hub at once (``hosts.read_all``), each up with its GPUs, holders
+        and free devices, or down with the reason; [] on a one-host hub (blocking). The hub's
+        own engine reads its GPUs through this service's NVML reader, the others through
+        their probe. A ``hosts`` setting that cannot be read is one row saying why."""
+        if not self.settings.hosts:
+            return []
+        with self._hosts_lock:
+            last = self._hosts_read
+            if last is not None and time.monotonic() - last[0] < self.HOSTS_MAX_AGE:
+                return last[1]
+            try:
+                readers = self._readers()
+            except hosts.HostsError as exc:
+                return [{"name": "hosts", "url": "", "up": False, "down": str(exc)}]
+            assert self._host_pool is not None
+            found = hosts.read_all(readers, self._host_pool, timeout=10.0)
+            rows = [view.summary(reader.host.url)
+                    for view, reader in zip(found, readers, strict=True)]
+            self._hosts_read = (time.monotonic(), rows)
+            return rows
+
+    def _readers(self) -> list[hosts.HostReader]:
+        if self._host_readers is None:
+            assert self.settings.hosts
+            found = hosts.load_setting(self.settings.hosts)
+            own = self.settings.docker_host or "unix:///var/run/docker.sock"
+            self._host_readers = [
+                hosts.HostReader(
+                    host, image=self.settings.probe_image or "", hub_id=self.settings.hub_id,
+                    policy=self.world.policy, start_timeout=self.settings.start_timeout,
+                    local_inventory=(self.world.read_inventory
+                                     if hosts.same_endpoint(host.url, own) else None))
+                for host in found]
+            self._host_pool = ThreadPoolExecutor(len(found), thread_name_prefix="gpuadmin-host")
+        return self._host_readers
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Blocking work (Docker, NVML, files) off the event loop."""
@@ -403,8 +449,9 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
 class OverviewPage(BaseHandler):
     async def get(self) -> None:
-        snap = await self.admin.snapshot()
-        self.finish(self.admin.renderer.overview(self.page(), snap, self.conf.hub_id))
+        snap, found = await asyncio.gather(self.admin.snapshot(),
+                                           self.admin.run(self.admin.read_hosts))
+        self.finish(self.admin.renderer.overview(self.page(), snap, self.conf.hub_id, found))
 
 
 class AllocationsPage(BaseHandler):
@@ -446,6 +493,11 @@ class GpusApi(ApiHandler):
     async def get(self) -> None:
         snap = await self.admin.snapshot()
         self.write_json([d.to_json() for d in snap.devices()])
+
+
+class HostsApi(ApiHandler):
+    async def get(self) -> None:
+        self.write_json(await self.admin.run(self.admin.read_hosts))
 
 
 class OverviewApi(ApiHandler):
@@ -605,6 +657,7 @@ ROUTES: tuple[tuple[str, type[BaseHandler]], ...] = (
     ("api/gpus", GpusApi), ("api/overview", OverviewApi),
     ("api/allocations", AllocationsApi), ("api/users", UsersApi),
     ("api/available", AvailableApi), ("api/events", EventsApi), ("api/health", HealthApi),
+    ("api/hosts", HostsApi),
     ("api/release", ReleaseAction), ("api/stop", StopAction), ("metrics", MetricsHandler),
 )
 

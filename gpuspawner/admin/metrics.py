@@ -203,10 +203,40 @@ class SnapshotCollector:
         yield refused
 
 
-def registry(take_snapshot: Callable[[], Snapshot], events_path: str | None) -> CollectorRegistry:
-    """The service's own registry with the snapshot collector in it."""
+class HostsCollector:
+    """A hub of several hosts: each host up or down, and its free devices per profile, from
+    one read of every host per scrape (``hosts.HostView.summary`` rows)."""
+
+    def __init__(self, read_hosts: Callable[[], list[dict[str, Any]]]) -> None:
+        self.read_hosts = read_hosts
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("gpuspawner_host_up",
+                               "1 when the host's Docker engine answers, per host", labels=["host"])
+        free = GaugeMetricFamily("gpuspawner_host_profile_free",
+                                 "Free devices per host and profile", labels=["host", "profile"])
+        for row in self.read_hosts():
+            up.add_metric([row["name"]], 1.0 if row["up"] else 0.0)
+            for profile, counts in (row.get("free") or {}).items():
+                free.add_metric([row["name"], profile], counts["free"])
+        yield up
+        yield free
+
+
+def registry(
+    take_snapshot: Callable[[], Snapshot],
+    events_path: str | None,
+    read_hosts: Callable[[], list[dict[str, Any]]] | None = None,
+) -> CollectorRegistry:
+    """The service's own registry with the snapshot collector in it (and, on a hub of
+    several hosts, the hosts collector)."""
     own = CollectorRegistry(auto_describe=False)
     own.register(SnapshotCollector(take_snapshot, EventCounter(events_path)))  # type: ignore[arg-type]
+    if read_hosts is not None:
+        own.register(HostsCollector(read_hosts))  # type: ignore[arg-type]
     return own
 
 

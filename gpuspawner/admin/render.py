@@ -78,9 +78,12 @@ class Renderer:
             page=page, pages=PAGES, active=active, states=views.STATES, **data
         )
 
-    def overview(self, page: Page, snap: Snapshot, hub_id: str | None = None) -> str:
+    def overview(self, page: Page, snap: Snapshot, hub_id: str | None = None,
+                 hosts: list[dict[str, Any]] | None = None) -> str:
+        """The GPUs of the hub's own engine; on a hub of several hosts, each host first
+        (``Admin.read_hosts`` rows), a host down in red with the reason."""
         model = views.overview(snap, hub_id).to_json()
-        return self.page("overview.html", page, "", overview=model)
+        return self.page("overview.html", page, "", overview=model, hosts=hosts or [])
 
     def allocations(self, page: Page, rows: list[dict[str, Any]]) -> str:
         return self.page("allocations.html", page, "allocations", rows=rows)

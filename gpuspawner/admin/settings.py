@@ -66,6 +66,12 @@ class Settings(JSONRecord):
     #: Seconds between reports of GPU activity to the Hub (``admin/activity.py``); 0: never.
     activity_interval: float = 60.0
     metrics_public: bool = False
+    #: The hub's GPU hosts (``GPUSPAWNER_HOSTS``: a YAML file, or the mapping as JSON, as the
+    #: hub's ``hosts`` setting hands it over); None on a one-host hub.
+    hosts: str | None = None
+    #: The image the probe of another host's GPUs runs (``GPUSPAWNER_PROBE_IMAGE``, else
+    #: ``GPUSPAWNER_IMAGE``: the servers' image, which every host has).
+    probe_image: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +117,8 @@ class Settings(JSONRecord):
             activity_interval=_duration(env, "GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL", "60s"),
             metrics_public=(env.get("GPUSPAWNER_ADMIN_METRICS_PUBLIC") or "").lower()
             in ("1", "true", "yes"),
+            hosts=env.get("GPUSPAWNER_HOSTS") or None,
+            probe_image=env.get("GPUSPAWNER_PROBE_IMAGE") or env.get("GPUSPAWNER_IMAGE") or None,
         )
 
 

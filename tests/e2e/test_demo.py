@@ -180,3 +180,76 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
     time.sleep(1)
     assert demo_processes(DEMO_ROOT) == []
     assert not (DEMO_ROOT / "run" / "docker.sock").exists()
+
+
+def test_demo_with_two_hosts_spreads_servers_over_both_and_cleans_up(tmp_path: Path):
+    """``scripts/demo.sh --hosts 2``: a second simulated host (H100 x2) with an engine of its
+    own; a second student's server goes there, answers through the hub, and the
+    ``gpuspawner hosts`` line the demo printed reads both hosts."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["GPUSPAWNER_DEMO_ROOT"] = str(DEMO_ROOT)
+    env["GPUSPAWNER_PORTS"] = "45100-45199"
+    out = Output()
+    demo = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port), "--hosts", "2"],
+        stdout=out.write_fd, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+    os.close(out.write_fd)
+    url = f"http://127.0.0.1:{port}"
+    second_socket = DEMO_ROOT / "lib" / "remote-h100" / "run" / "docker.sock"
+    try:
+        deadline = time.monotonic() + 600
+        while "Ctrl-C stops everything" not in out.text:
+            assert demo.poll() is None, out.text[-3000:]
+            assert time.monotonic() < deadline, "demo did not come up"
+            time.sleep(1)
+        text = out.text
+        admin = requests.Session()
+        admin.trust_env = False
+        login(admin, url, "admin", "demo")
+        xsrf = {"X-XSRFToken": admin.cookies.get("_xsrf")}
+        for user in ("ann", "bo"):  # one after the other: spread sends bo to the empty host
+            started = admin.post(f"{url}/hub/api/users/{user}/server",
+                                 json={"profile": "mig-1g"}, headers=xsrf)
+            assert started.status_code in (201, 202), started.text
+            for _ in range(240):
+                model = admin.get(f"{url}/hub/api/users/{user}", headers=xsrf).json()
+                if (model.get("servers") or {}).get("", {}).get("ready"):
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"{user}'s server did not become ready")
+        first = docker.DockerClient(base_url=f"unix://{DEMO_ROOT}/run/docker.sock")
+        second = docker.DockerClient(base_url=f"unix://{second_socket}")
+        [ann] = first.containers.list(filters={"label": "ds01.user=ann"})
+        [bo] = second.containers.list(filters={"label": "ds01.user=bo"})
+        assert (ann.labels["ds01.host"], bo.labels["ds01.host"]) == ("gpu1", "gpu2")
+        assert bo.attrs["NetworkSettings"]["Ports"]["8888/tcp"][0]["HostIp"] == "127.0.0.2"
+        listed = bo.exec_run(["nvidia-smi", "-L"]).output.decode()
+        assert "H100" in listed and bo.labels["ds01.gpu.uuids"] in listed, listed
+        student = requests.Session()
+        student.trust_env = False
+        login(student, url, "bo", "demo")
+        lab = student.get(f"{url}/user/bo/lab")
+        assert lab.status_code == 200 and "JupyterLab" in lab.text, lab.text[:500]
+
+        line = text.split("Both at once:\n", 1)[1].splitlines()[0].strip()
+        cli = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True,
+                             timeout=180, env={"PATH": os.environ["PATH"]})
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        rows = cli.stdout.splitlines()
+        assert rows[0].startswith("gpu1 (") and "4 GPU(s)" in rows[0] and "1 holder(s)" in rows[0]
+        assert rows[1].startswith("gpu2 (") and "2 GPU(s)" in rows[1] and "1 holder(s)" in rows[1]
+    finally:
+        out.cut()
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            demo.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            raise
+    time.sleep(1)
+    assert demo_processes(DEMO_ROOT) == []
+    assert not (DEMO_ROOT / "run" / "docker.sock").exists()
+    assert not second_socket.exists()

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from traitlets.config import Config
 
-from gpuspawner import admin
+from gpuspawner import admin, hosts
 from gpuspawner.admin import views
 from gpuspawner.admin.app import ROUTES, access_of
 from gpuspawner.admin.hubapi import HubUser, parse_users
@@ -440,3 +440,69 @@ def test_a_held_slice_without_a_process_says_how_long_it_has_been_idle(snap):
     assert "idle" not in blocks[free.uuid]["title"]
     views = {v.uuid: v for v in replace(snap, inventory=inv, work_since=since).devices()}
     assert views[running.uuids[0]].idle_seconds == 2 * 3600 + 5 * 60 + 17
+
+
+class Hosts(HTMLParser):
+    """The hosts section: each host's attributes and its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hosts: list[dict[str, str]] = []
+        self.tags: list[str] = []
+        self._in: dict[str, str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {k: v or "" for k, v in attrs}
+        self.tags.append(tag)
+        if "host" in found.get("class", "").split():
+            self._in = {**found, "text": ""}
+            self.hosts.append(self._in)
+
+    def handle_data(self, data: str) -> None:
+        if self._in is not None:
+            self._in["text"] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "li":
+            self._in = None
+
+
+def test_a_hub_of_several_hosts_shows_each_and_one_down_in_red_with_the_reason(snap):
+    evil = '<img src=x onerror="alert(1)">'
+    rows = [
+        {"name": "gpu1", "url": "unix:///var/run/docker.sock", "up": True, "down": "",
+         "gpus": 4, "migs": 13, "holders": ["jupyter-ann"],
+         "free": {"1g.10gb": {"free": 8, "total": 9}, "gpu": {"free": 1, "total": 1}},
+         "problems": []},
+        {"name": "gpu3", "url": "tcp://gpu3:2376", "up": False,
+         "down": f"host gpu3 (tcp://gpu3:2376): its Docker engine did not answer ({evil})"},
+    ]
+    text = Renderer().overview(page(), snap, "lab", rows)
+    parsed = Hosts()
+    parsed.feed(text)
+    up, down = parsed.hosts
+    assert (up["data-host"], up["data-up"], up["class"]) == ("gpu1", "true", "host host-up")
+    assert "4 GPU(s), 13 MIG device(s), 1 holder(s)" in up["text"]
+    assert "1g.10gb 8/9 free · gpu 1/1 free" in up["text"]
+    assert (down["data-host"], down["data-up"], down["class"]) == ("gpu3", "false",
+                                                                    "host host-down")
+    assert "down: host gpu3 (tcp://gpu3:2376): its Docker engine did not answer" in down["text"]
+    assert evil not in text and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in text
+    css = (Path(admin.__file__).parent / "static" / "admin.css").read_text()
+    assert ".host-down {" in css and "#dc3545" in css.split(".host-down {", 1)[1].split("}")[0]
+    # A one-host hub's page has no hosts section at all.
+    assert 'id="hosts"' not in Renderer().overview(page(), snap, "lab")
+
+
+def test_the_service_hands_the_hubs_hosts_on_as_json_and_reads_them_back():
+    c = Config()
+    c.GPUSpawner.hosts = {"gpu1": "unix:///var/run/docker.sock",
+                          "gpu2": {"url": "ssh://hub@gpu2", "address": "10.0.0.2"}}
+    c.DockerSpawner.image = "lab/notebook:1"
+    env = admin.service(c)["environment"]
+    settings = Settings.from_env({**env, "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:9000"})
+    assert settings.probe_image == "lab/notebook:1"
+    found = hosts.load_setting(settings.hosts or "")
+    assert [(h.name, h.url, h.address) for h in found] == [
+        ("gpu1", "unix:///var/run/docker.sock", None), ("gpu2", "ssh://hub@gpu2", "10.0.0.2")]
+    assert "GPUSPAWNER_HOSTS" not in admin.service(Config())["environment"]

@@ -1,0 +1,306 @@
+"""One hub, three GPU hosts, each its own Docker engine (issue "several hosts"): the hub's own
+engine (a100x4, NVML), a second reached over TCP with TLS client certificates the test made
+(h100x2, read through its probe container), and a third without the NVIDIA runtime (CPU
+servers only).
+
+What a student and the lab observe: each server runs on the host its ``ds01.host`` label
+names, is published on that host's address and answers through the hub's proxy; the device
+each engine holds for a container is never held by another, on any host; twenty servers
+started at once spread as ``spread`` says; a host whose engine stops is told to the user of a
+server there, while new servers go to the others and the servers elsewhere keep answering;
+when it is back, its server starts there again. A MIG re-creation on the far host is found
+through its probe, and the server's files come along to its new slice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from ..engine import EnginePaths, PrivateEngine
+from ..gpusim import Simulator
+from ..hub import HubError, RunningHub, free_port
+from ..images import ensure_singleuser_image
+from .conftest import MakeHub
+from .test_admin import Tokens, admin_config, with_token
+from .test_promises import run_in
+from .test_spawn import STREAM
+
+pytestmark = pytest.mark.docker
+
+#: Where each host's servers are published and reached (the hub's own: DockerSpawner's
+#: ``host_ip``, 127.0.0.1).
+ADDRESS = {"gpu1": "127.0.0.1", "gpu2": "127.0.0.2", "cpu3": "127.0.0.3"}
+
+
+@pytest.fixture(scope="module")
+def far_engine() -> Iterator[PrivateEngine]:
+    engine = PrivateEngine(EnginePaths.from_env().beside("remote-h100"), nvidia_runtime=True,
+                           tls_port=free_port())
+    engine.start()
+    try:
+        ensure_singleuser_image(engine.client)
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def cpu_engine() -> Iterator[PrivateEngine]:
+    engine = PrivateEngine(EnginePaths.from_env().beside("cpu-host"))
+    engine.start()
+    try:
+        ensure_singleuser_image(engine.client)
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def far(far_engine: PrivateEngine) -> Iterator[Simulator]:
+    far_engine.remove_containers()
+    sim = Simulator(far_engine.state_path, far_engine.hook_log)
+    sim.install("h100x2")
+    yield sim
+    far_engine.remove_containers()
+
+
+@pytest.fixture
+def cpu(cpu_engine: PrivateEngine) -> Iterator[PrivateEngine]:
+    cpu_engine.remove_containers()
+    yield cpu_engine
+    if cpu_engine._client is None:  # the test stopped it and failed before it was back
+        cpu_engine.start()
+    cpu_engine.remove_containers()
+
+
+def hosts_config(engine: PrivateEngine, far: PrivateEngine | None,
+                 cpu: PrivateEngine | None) -> dict[str, Any]:
+    hosts: dict[str, Any] = {"gpu1": engine.base_url}
+    if far is not None:
+        tls = far.tls_dir
+        hosts["gpu2"] = {"url": far.tls_url, "address": ADDRESS["gpu2"],
+                         "tls_ca": str(tls / "ca.pem"), "tls_cert": str(tls / "cert.pem"),
+                         "tls_key": str(tls / "key.pem")}
+    if cpu is not None:
+        hosts["cpu3"] = {"url": cpu.base_url, "address": ADDRESS["cpu3"]}
+    return hosts
+
+
+def where(user: str, engines: dict[str, PrivateEngine]) -> tuple[str, Any]:
+    """The host whose engine has ``user``'s container, and that container."""
+    found = [(name, c) for name, e in engines.items()
+             for c in e.client.containers.list(all=True, filters={"label": f"ds01.user={user}"})]
+    assert len(found) == 1, (user, found)
+    return found[0]
+
+
+def held(engines: dict[str, PrivateEngine]) -> list[tuple[str, str]]:
+    """(host, device) for every device every engine's running containers hold."""
+    return [(name, device) for name, e in engines.items() for c in e.client.containers.list()
+            for r in c.attrs["HostConfig"].get("DeviceRequests") or []
+            for device in r.get("DeviceIDs") or []]
+
+
+def oracle(spawns: int, strategy: str) -> dict[str, int]:
+    """Where ``spawns`` 1g.10gb servers go, one after another, by the documented rule: among
+    the hosts with a free slice, ``spread`` takes the one whose GPUs are least held
+    (GPU-equivalents over its GPUs; a 1g.10gb slice is 1/7), ``pack`` the most held; the
+    first of the hub's hosts on a tie. a100x4: four GPUs, nine 1g.10gb slices; h100x2: two
+    GPUs, four."""
+    gpus, free, count = {"gpu1": 4, "gpu2": 2}, {"gpu1": 9, "gpu2": 4}, {"gpu1": 0, "gpu2": 0}
+    sign = 1 if strategy == "spread" else -1
+    for _ in range(spawns):
+        fits = [h for h in ("gpu1", "gpu2") if free[h]]
+        host = min(fits, key=lambda h: (sign * count[h] / 7 / gpus[h], fits.index(h)))
+        count[host] += 1
+        free[host] -= 1
+    return count
+
+
+def start_at_once(hub: RunningHub, users: list[str], profile: str) -> None:
+    for user in users:
+        hub.ensure_user(user)
+
+    def press_start(user: str) -> tuple[str, int, str]:
+        try:
+            response = hub.spawn(user, profile, timeout=300)
+            return user, response.status_code, response.text
+        except HubError as exc:
+            return user, 599, str(exc)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(users)) as pool:
+        results = list(pool.map(press_start, users))
+    assert all(code in (201, 202) for _, code, _ in results), results
+
+
+def published(container: Any) -> str:
+    container.reload()
+    return container.attrs["NetworkSettings"]["Ports"]["8888/tcp"][0]["HostIp"]
+
+
+def answers(hub: RunningHub, user: str) -> bool:
+    return hub.get(f"/user/{user}/api/status").status_code == 200
+
+
+def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, cpu: PrivateEngine,
+) -> None:
+    hosts = hosts_config(engine, far_engine, cpu)
+    hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n"
+                                'c.GPUSpawner.allocation_strategy = "spread"\n')
+    engines = {"gpu1": engine, "gpu2": far_engine, "cpu3": cpu}
+    users = [f"s{n:02d}" for n in range(12)]
+    start_at_once(hub, users, "mig-1g")
+
+    count = {"gpu1": 0, "gpu2": 0, "cpu3": 0}
+    for user in users:
+        host, container = where(user, engines)
+        count[host] += 1
+        assert container.labels["ds01.host"] == host
+        assert published(container) == ADDRESS[host]
+        assert answers(hub, user), user
+    # What the engines hold: twelve devices, none twice, each one of its own host's.
+    devices = held(engines)
+    assert len(devices) == 12 and len({d for _, d in devices}) == 12, devices
+    own = {"gpu1": set(gpusim.gpu_uuids()) | {m["uuid"] for g in gpusim.state()["gpus"]
+                                              for m in g.get("mig_devices", [])},
+           "gpu2": {m["uuid"] for g in far.state()["gpus"] for m in g.get("mig_devices", [])}}
+    assert all(device in own[host] for host, device in devices), devices
+    # Twelve at once spread as one after another would: each choice counts the spawns on
+    # their way that Docker does not show yet. (``pack`` would give 9 and 3.)
+    assert count == {**oracle(12, "spread"), "cpu3": 0}
+
+    # The hub restarts: its state says which host each server is on, so every one is still
+    # running there, as Docker says (a poll on the wrong engine would drop it).
+    hub.restart()
+    for user in users:
+        model = hub.server_model(user)
+        assert model and model.get("ready"), (user, model)
+        assert answers(hub, user), user
+
+    # A CPU server: the host with the fewest of this hub's servers, the one without GPUs.
+    hub.spawn("cpu-a", "cpu")
+    host, first = where("cpu-a", engines)
+    assert host == "cpu3" and first.labels["ds01.host"] == "cpu3"
+    assert published(first) == ADDRESS["cpu3"] and answers(hub, "cpu-a")
+    hub.stop_server("cpu-a")
+
+    cpu.stop()  # the third host's engine goes away
+    response = hub.spawn("cpu-a", "cpu")
+    assert response.status_code == 503, response.text
+    assert "host cpu3, which does not answer" in response.text, response.text
+    assert "files are safe" in response.text
+    hub.spawn("cpu-b", "cpu")  # a new server goes where an engine answers
+    host_b, _ = where("cpu-b", {"gpu1": engine, "gpu2": far_engine})
+    assert host_b == ("gpu2" if count["gpu2"] < count["gpu1"] else "gpu1")
+    assert all(answers(hub, user) for user in users)  # the others' servers are untouched
+
+    cpu.start()
+    hub.spawn("cpu-a", "cpu")
+    host, again = where("cpu-a", engines)
+    assert host == "cpu3" and again.id == first.id  # its own container, started again
+    assert published(again) == ADDRESS["cpu3"] and answers(hub, "cpu-a")
+
+
+def test_pack_fills_the_busiest_host_first(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine,
+) -> None:
+    hosts = hosts_config(engine, far_engine, None)
+    hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n")
+    users = [f"p{n}" for n in range(6)]
+    start_at_once(hub, users, "mig-1g")
+    engines = {"gpu1": engine, "gpu2": far_engine}
+    count = {"gpu1": 0, "gpu2": 0}
+    for user in users:
+        host, container = where(user, engines)
+        count[host] += 1
+        assert container.labels["ds01.host"] == host and answers(hub, user)
+    assert count == oracle(6, "pack") == {"gpu1": 6, "gpu2": 0}
+
+
+def test_a_mig_recreation_on_a_far_host_is_found_through_its_probe_and_files_come_along(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    hosts = {"gpu2": hosts_config(engine, far_engine, None)["gpu2"]}
+    hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n" + STREAM)
+    hub.spawn("ann", "mig-1g")
+    first = far_engine.client.containers.get("jupyter-ann")
+    assert first.labels["ds01.host"] == "gpu2"
+    old = first.labels["ds01.gpu.uuids"]
+    assert run_in(far_engine, first.id, "echo mine > /home/jovyan/notes.txt && echo ok") == "ok"
+    hub.stop_server("ann")
+
+    far.reboot(seed=11)  # the far host's MIG devices come back with new UUIDs
+    present = {m["uuid"] for g in far.state()["gpus"] for m in g.get("mig_devices", [])}
+    assert old not in present
+    hub.spawn("ann", "mig-1g")
+    now = far_engine.client.containers.get("jupyter-ann")
+    assert now.id != first.id and now.status == "running"
+    devices = [d for r in now.attrs["HostConfig"]["DeviceRequests"] for d in r["DeviceIDs"]]
+    assert len(devices) == 1 and devices[0] in present, devices
+    handed = [c["devices"] for c in far.hook_calls() if c["id"] == now.id]
+    assert handed and handed[-1] == devices
+    assert now.labels["ds01.gpu.parent_uuids"] == first.labels["ds01.gpu.parent_uuids"]
+    # The probe's last reading still had the old slice: the start there failed, the probe
+    # was read again, and the server moved to the new slice, as the user was told.
+    said = hub.last_progress
+    assert any("vanished at the start" in m for m in said), said
+    assert any("no longer exists" in m for m in said), said
+    assert run_in(far_engine, now.id, "cat /home/jovyan/notes.txt") == "mine"
+    assert answers(hub, "ann")
+    # Nothing of this hub on the hub's own engine: it is not one of its hosts.
+    assert engine.client.containers.list(all=True, filters={"label": "ds01.hub=e2e"}) == []
+
+
+def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, cpu: PrivateEngine,
+) -> None:
+    tokens = Tokens()
+    hosts = hosts_config(engine, far_engine, cpu)
+    hub = make_hub(config_extra=admin_config(tokens, before=f"c.GPUSpawner.hosts = {hosts!r}\n"))
+    hub.spawn("ann", "mig-1g")  # pack: the first host
+
+    def read(path: str) -> requests.Response:
+        deadline = time.monotonic() + 30
+        while True:  # the hub starts the service; the proxy answers 503 until it listens
+            response = with_token(hub, tokens.ops, path)
+            if response.status_code not in (502, 503) or time.monotonic() > deadline:
+                return response
+            time.sleep(0.3)
+
+    rows = {row["name"]: row for row in read("api/hosts").json()}
+    assert list(rows) == ["gpu1", "gpu2", "cpu3"]
+    assert all(row["up"] for row in rows.values()), rows
+    assert (rows["gpu1"]["gpus"], rows["gpu1"]["holders"]) == (4, ["jupyter-ann"])
+    assert (rows["gpu2"]["gpus"], rows["gpu2"]["migs"], rows["gpu2"]["holders"]) == (2, 5, [])
+    assert rows["gpu2"]["free"]["1g.10gb"] == {"free": 4, "total": 4}
+    assert rows["cpu3"]["gpus"] == 0 and rows["cpu3"]["problems"], rows["cpu3"]
+    assert rows["gpu2"]["url"] == far_engine.tls_url
+
+    cpu.stop()
+    time.sleep(2.5)  # past the service's two-second read of every host
+    rows = {row["name"]: row for row in read("api/hosts").json()}
+    assert rows["cpu3"]["up"] is False and rows["cpu3"]["down"].startswith("host cpu3 (")
+    assert rows["gpu1"]["up"] and rows["gpu2"]["up"]
+    metrics = with_token(hub, tokens.prometheus, "metrics").text
+    assert 'gpuspawner_host_up{host="cpu3"} 0.0' in metrics
+    assert 'gpuspawner_host_up{host="gpu2"} 1.0' in metrics
+    assert 'gpuspawner_host_profile_free{host="gpu2",profile="1g.10gb"} 4.0' in metrics
+    page = read("")
+    assert page.status_code == 200
+    assert re.search(r'<li class="host host-down" data-host="cpu3"', page.text), page.text[:3000]
+    assert re.search(r'<li class="host host-up" data-host="gpu2"', page.text)
+    assert answers(hub, "ann")  # a host down leaves the others' servers alone
+    cpu.start()
