@@ -114,7 +114,8 @@ class Admin:
         #: The hub's hosts (``read_hosts``): readers made on first use, the last read.
         self._host_readers: list[hosts.HostReader] | None = None
         self._host_pool: ThreadPoolExecutor | None = None
-        self._hosts_read: tuple[float, list[dict[str, Any]]] | None = None
+        self._hosts_read: tuple[float, tuple[hosts.HostView, ...], list[dict[str, Any]]] | None \
+            = None
         self._hosts_lock = threading.Lock()
         #: The GPU activity reporter's task (``report_activity_forever``), when running.
         self.reporter: asyncio.Future[None] | None = None
@@ -252,22 +253,47 @@ class Admin:
         and free devices, or down with the reason; [] on a one-host hub (blocking). The hub's
         own engine reads its GPUs through this service's NVML reader, the others through
         their probe. A ``hosts`` setting that cannot be read is one row saying why."""
+        return self._read_all_hosts()[1]
+
+    def _read_all_hosts(self) -> tuple[tuple[hosts.HostView, ...], list[dict[str, Any]]]:
         if not self.settings.hosts:
-            return []
+            return (), []
         with self._hosts_lock:
             last = self._hosts_read
             if last is not None and time.monotonic() - last[0] < self.HOSTS_MAX_AGE:
-                return last[1]
+                return last[1], last[2]
             try:
                 readers = self._readers()
             except hosts.HostsError as exc:
-                return [{"name": "hosts", "url": "", "up": False, "down": str(exc)}]
+                return (), [{"name": "hosts", "url": "", "up": False, "down": str(exc)}]
             assert self._host_pool is not None
             found = hosts.read_all(readers, self._host_pool, timeout=10.0)
             rows = [view.summary(reader.host.url)
                     for view, reader in zip(found, readers, strict=True)]
-            self._hosts_read = (time.monotonic(), rows)
-            return rows
+            self._hosts_read = (time.monotonic(), found, rows)
+            return found, rows
+
+    def own_host(self) -> str | None:
+        """The name of the host that is this service's own engine (where its actions act)."""
+        own = self.settings.docker_host or "unix:///var/run/docker.sock"
+        return next((reader.host.name for reader in self._readers()
+                     if hosts.same_endpoint(reader.host.url, own)), None)
+
+    async def overview(self) -> views.Overview:
+        """The overview's model: the hub's own engine's cards (from the snapshot that keeps
+        GPU activity), and on a hub of several hosts every host's, each card with its host."""
+        if not self.settings.hosts:
+            return views.overview(await self.snapshot(), self.settings.hub_id)
+        found, rows = await self.run(self._read_all_hosts)
+        if not found:  # the setting itself is wrong: say so, show the own engine
+            snap = await self.snapshot()
+            return replace(views.overview(snap, self.settings.hub_id),
+                           problems=tuple(row["down"] for row in rows))
+        own = await self.run(self.own_host)
+        snap = await self.snapshot() if own is not None else None
+        parts = [(view.name, snap if view.name == own else view.snapshot, view.down)
+                 for view in found]
+        return views.across_hosts(parts, self.settings.hub_id, acts_on=own)
 
     def _readers(self) -> list[hosts.HostReader]:
         if self._host_readers is None:
@@ -449,9 +475,9 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
 class OverviewPage(BaseHandler):
     async def get(self) -> None:
-        snap, found = await asyncio.gather(self.admin.snapshot(),
-                                           self.admin.run(self.admin.read_hosts))
-        self.finish(self.admin.renderer.overview(self.page(), snap, self.conf.hub_id, found))
+        model, found = await asyncio.gather(self.admin.overview(),
+                                            self.admin.run(self.admin.read_hosts))
+        self.finish(self.admin.renderer.overview(self.page(), model, hosts=found))
 
 
 class AllocationsPage(BaseHandler):
@@ -502,8 +528,7 @@ class HostsApi(ApiHandler):
 
 class OverviewApi(ApiHandler):
     async def get(self) -> None:
-        snap = await self.admin.snapshot()
-        self.write_json(views.overview(snap, self.conf.hub_id).to_json())
+        self.write_json((await self.admin.overview()).to_json())
 
 
 class AllocationsApi(ApiHandler):

@@ -78,12 +78,14 @@ class Renderer:
             page=page, pages=PAGES, active=active, states=views.STATES, **data
         )
 
-    def overview(self, page: Page, snap: Snapshot, hub_id: str | None = None,
+    def overview(self, page: Page, model: views.Overview | Snapshot, hub_id: str | None = None,
                  hosts: list[dict[str, Any]] | None = None) -> str:
-        """The GPUs of the hub's own engine; on a hub of several hosts, each host first
-        (``Admin.read_hosts`` rows), a host down in red with the reason."""
-        model = views.overview(snap, hub_id).to_json()
-        return self.page("overview.html", page, "", overview=model, hosts=hosts or [])
+        """The overview (``views.overview``, or ``views.across_hosts`` on a hub of several
+        hosts; a snapshot is made one with ``hub_id``); on a hub of several hosts, a line
+        per host first (``Admin.read_hosts`` rows), a host down in red with the reason."""
+        if isinstance(model, Snapshot):
+            model = views.overview(model, hub_id)
+        return self.page("overview.html", page, "", overview=model.to_json(), hosts=hosts or [])
 
     def allocations(self, page: Page, rows: list[dict[str, Any]]) -> str:
         return self.page("allocations.html", page, "allocations", rows=rows)

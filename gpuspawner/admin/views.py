@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -125,6 +125,8 @@ class Card(JSONRecord):
     total: int
     note: str
     blocks: tuple[Block, ...]
+    #: The host (of the hub's ``hosts``) the GPU is in; "" on a one-host hub.
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -377,6 +379,51 @@ def overview(snap: Snapshot, hub_id: str | None = None) -> Overview:
             for a in snap.disagreements()
         ),
         source=inv.source,
+    )
+
+
+def across_hosts(
+    parts: Sequence[tuple[str, Snapshot | None, str]], hub_id: str | None = None,
+    acts_on: str | None = None,
+) -> Overview:
+    """The overview of a hub of several hosts: each host's cards in the order of ``hosts``,
+    each card saying its host; totals and counts summed; a host down is a problem with its
+    reason. ``parts``: (host, its snapshot or None, why it is down). The page's actions work
+    on the hub's own engine only (``acts_on``): a container on another host shows no
+    release or stop button."""
+    cards: list[Card] = []
+    totals: dict[str, list[int]] = {}
+    counts: dict[str, int] = defaultdict(int)
+    problems: list[str] = []
+    taken: list[str] = []
+    for name, snap, down in parts:
+        if snap is None:
+            problems.append(down or f"host {name} does not answer")
+            continue
+        one = overview(snap, hub_id)
+        for card in one.cards:
+            if name != acts_on:
+                card = replace(card, blocks=tuple(
+                    replace(b, holders=tuple(replace(h, can_release=False, can_stop=False)
+                                             for h in b.holders))
+                    for b in card.blocks))
+            cards.append(replace(card, host=name))
+        for total in one.totals:
+            have = totals.setdefault(total.profile, [0, 0])
+            have[0] += total.free
+            have[1] += total.total
+        for state, _words, count in one.counts:
+            counts[state] += count
+        problems.extend(f"host {name}: {p}" for p in one.problems)
+        taken.append(one.taken_at)
+    return Overview(
+        taken_at=min(taken) if taken else "",
+        cards=tuple(cards),
+        totals=tuple(Total(profile=p, free=f, used=t - f, total=t)
+                     for p, (f, t) in totals.items()),
+        counts=tuple((s, words, counts.get(s, 0)) for s, words in STATES),
+        problems=tuple(problems),
+        source="hosts",
     )
 
 

@@ -3,6 +3,7 @@ admin page's JSON, press Ctrl-C, and check that nothing it started is left."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -77,41 +79,65 @@ class Output:
         os.close(self.read_fd)
 
 
-def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
+@contextlib.contextmanager
+def running_demo(
+    ports: str, *args: str, timeout: float = 400
+) -> Iterator[tuple[dict[str, str], Output, str]]:
+    """``scripts/demo.py --port P *args`` until it says "Ctrl-C stops everything"; yields its
+    environment, its output and its URL; then Ctrl-C, as a person ends it."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["GPUSPAWNER_DEMO_ROOT"] = str(DEMO_ROOT)
-    env["GPUSPAWNER_PORTS"] = "45000-45099"  # clear of the test hubs' ranges and test_cli's
+    env["GPUSPAWNER_PORTS"] = ports  # clear of the test hubs' ranges and test_cli's
     out = Output()
     demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port)],
+        [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port), *args],
         stdout=out.write_fd, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
     )
     os.close(out.write_fd)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + timeout
         while "Ctrl-C stops everything" not in out.text:
             assert demo.poll() is None, out.text[-3000:]
             assert time.monotonic() < deadline, "demo did not come up"
             time.sleep(1)
+        yield env, out, f"http://127.0.0.1:{port}"
+    finally:
+        out.cut()  # tee is gone: every line the demo writes from now on meets a closed pipe
+        demo.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            demo.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            raise
+    time.sleep(1)
+    assert demo_processes(DEMO_ROOT) == []
+    assert not (DEMO_ROOT / "run" / "docker.sock").exists()
+
+
+def start_and_wait(admin: requests.Session, url: str, user: str, profile: str) -> None:
+    """Start ``user``'s server as the admin, through the hub's API, until it is ready."""
+    xsrf = {"X-XSRFToken": admin.cookies.get("_xsrf")}
+    started = admin.post(f"{url}/hub/api/users/{user}/server", json={"profile": profile},
+                         headers=xsrf)
+    assert started.status_code in (201, 202), started.text
+    for _ in range(240):
+        model = admin.get(f"{url}/hub/api/users/{user}", headers=xsrf).json()
+        if (model.get("servers") or {}).get("", {}).get("ready"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{user}'s server did not become ready")
+
+
+def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
+    with running_demo("45000-45099") as (env, out, url):
         text = out.text
         assert f"{url}/services/gpu-allocations/" in text
 
         admin = requests.Session()
         admin.trust_env = False
         login(admin, url, "admin", "demo")
-        xsrf = {"X-XSRFToken": admin.cookies.get("_xsrf")}
-        started = admin.post(f"{url}/hub/api/users/ann/server", json={"profile": "mig-1g"},
-                             headers=xsrf)
-        assert started.status_code in (201, 202), started.text
-        for _ in range(240):
-            model = admin.get(f"{url}/hub/api/users/ann", headers=xsrf).json()
-            if (model.get("servers") or {}).get("", {}).get("ready"):
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError("ann's server did not become ready")
+        start_and_wait(admin, url, "ann", "mig-1g")
 
         # A newcomer lands in JupyterLab (docker/singleuser's image), and a terminal there
         # sees exactly the one MIG slice the spawner gave, through the toolkit's nvidia-smi.
@@ -169,57 +195,20 @@ def test_demo_command_starts_spawns_shows_and_cleans_up(tmp_path: Path):
         while any(r[-1].startswith("/tmp/train.py") for r in ann.top()["Processes"]):
             assert time.monotonic() < deadline, ann.top()
             time.sleep(0.2)
-    finally:
-        out.cut()  # tee is gone: every line the demo writes from now on meets a closed pipe
-        demo.send_signal(signal.SIGINT)  # Ctrl-C
-        try:
-            demo.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            demo.kill()
-            raise
-    time.sleep(1)
-    assert demo_processes(DEMO_ROOT) == []
-    assert not (DEMO_ROOT / "run" / "docker.sock").exists()
 
 
 def test_demo_with_two_hosts_spreads_servers_over_both_and_cleans_up(tmp_path: Path):
     """``scripts/demo.sh --hosts 2``: a second simulated host (H100 x2) with an engine of its
     own; a second student's server goes there, answers through the hub, and the
     ``gpuspawner hosts`` line the demo printed reads both hosts."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env["GPUSPAWNER_DEMO_ROOT"] = str(DEMO_ROOT)
-    env["GPUSPAWNER_PORTS"] = "45100-45199"
-    out = Output()
-    demo = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts/demo.py"), "--port", str(port), "--hosts", "2"],
-        stdout=out.write_fd, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
-    os.close(out.write_fd)
-    url = f"http://127.0.0.1:{port}"
     second_socket = DEMO_ROOT / "lib" / "remote-h100" / "run" / "docker.sock"
-    try:
-        deadline = time.monotonic() + 600
-        while "Ctrl-C stops everything" not in out.text:
-            assert demo.poll() is None, out.text[-3000:]
-            assert time.monotonic() < deadline, "demo did not come up"
-            time.sleep(1)
+    with running_demo("45100-45199", "--hosts", "2", timeout=600) as (_env, out, url):
         text = out.text
         admin = requests.Session()
         admin.trust_env = False
         login(admin, url, "admin", "demo")
-        xsrf = {"X-XSRFToken": admin.cookies.get("_xsrf")}
         for user in ("ann", "bo"):  # one after the other: spread sends bo to the empty host
-            started = admin.post(f"{url}/hub/api/users/{user}/server",
-                                 json={"profile": "mig-1g"}, headers=xsrf)
-            assert started.status_code in (201, 202), started.text
-            for _ in range(240):
-                model = admin.get(f"{url}/hub/api/users/{user}", headers=xsrf).json()
-                if (model.get("servers") or {}).get("", {}).get("ready"):
-                    break
-                time.sleep(0.5)
-            else:
-                raise AssertionError(f"{user}'s server did not become ready")
+            start_and_wait(admin, url, user, "mig-1g")
         first = docker.DockerClient(base_url=f"unix://{DEMO_ROOT}/run/docker.sock")
         second = docker.DockerClient(base_url=f"unix://{second_socket}")
         [ann] = first.containers.list(filters={"label": "ds01.user=ann"})
@@ -241,15 +230,4 @@ def test_demo_with_two_hosts_spreads_servers_over_both_and_cleans_up(tmp_path: P
         rows = cli.stdout.splitlines()
         assert rows[0].startswith("gpu1 (") and "4 GPU(s)" in rows[0] and "1 holder(s)" in rows[0]
         assert rows[1].startswith("gpu2 (") and "2 GPU(s)" in rows[1] and "1 holder(s)" in rows[1]
-    finally:
-        out.cut()
-        demo.send_signal(signal.SIGINT)  # Ctrl-C
-        try:
-            demo.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            demo.kill()
-            raise
-    time.sleep(1)
-    assert demo_processes(DEMO_ROOT) == []
-    assert not (DEMO_ROOT / "run" / "docker.sock").exists()
     assert not second_socket.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ..hub import HubError, RunningHub, free_port
 from ..images import ensure_singleuser_image
 from .conftest import MakeHub
 from .test_admin import Tokens, admin_config, with_token
+from .test_admin_browser import browser, open_as_admin  # noqa: F401 - the fixture
 from .test_promises import run_in
 from .test_spawn import STREAM
 
@@ -40,27 +42,25 @@ pytestmark = pytest.mark.docker
 ADDRESS = {"gpu1": "127.0.0.1", "gpu2": "127.0.0.2", "cpu3": "127.0.0.3"}
 
 
-@pytest.fixture(scope="module")
-def far_engine() -> Iterator[PrivateEngine]:
-    engine = PrivateEngine(EnginePaths.from_env().beside("remote-h100"), nvidia_runtime=True,
-                           tls_port=free_port())
+def _running(engine: PrivateEngine) -> Iterator[PrivateEngine]:
+    """A host's engine for the module, with the servers' image."""
     engine.start()
     try:
         ensure_singleuser_image(engine.client)
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def far_engine() -> Iterator[PrivateEngine]:
+    yield from _running(PrivateEngine(EnginePaths.from_env().beside("remote-h100"),
+                                      nvidia_runtime=True, tls_port=free_port()))
 
 
 @pytest.fixture(scope="module")
 def cpu_engine() -> Iterator[PrivateEngine]:
-    engine = PrivateEngine(EnginePaths.from_env().beside("cpu-host"))
-    engine.start()
-    try:
-        ensure_singleuser_image(engine.client)
-        yield engine
-    finally:
-        engine.stop()
+    yield from _running(PrivateEngine(EnginePaths.from_env().beside("cpu-host")))
 
 
 @pytest.fixture
@@ -265,7 +265,7 @@ def test_a_mig_recreation_on_a_far_host_is_found_through_its_probe_and_files_com
 
 def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
     make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
-    far_engine: PrivateEngine, cpu: PrivateEngine,
+    far_engine: PrivateEngine, cpu: PrivateEngine, browser: Any,  # noqa: F811
 ) -> None:
     tokens = Tokens()
     hosts = hosts_config(engine, far_engine, cpu)
@@ -288,6 +288,14 @@ def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
     assert rows["gpu2"]["free"]["1g.10gb"] == {"free": 4, "total": 4}
     assert rows["cpu3"]["gpus"] == 0 and rows["cpu3"]["problems"], rows["cpu3"]
     assert rows["gpu2"]["url"] == far_engine.tls_url
+    # Every host's GPU cards, each naming its host; actions only on the hub's own engine.
+    model = read("api/overview").json()
+    assert Counter(card["host"] for card in model["cards"]) == {"gpu1": 4, "gpu2": 2}
+    holders = [(card["host"], h) for card in model["cards"] for b in card["blocks"]
+               for h in b["holders"]]
+    assert [(host, h["user"], h["can_stop"]) for host, h in holders] == [("gpu1", "ann", True)]
+    free = {t["profile"]: (t["free"], t["total"]) for t in model["totals"]}
+    assert free["1g.10gb"] == (8 + 4, 9 + 4)
 
     cpu.stop()
     time.sleep(2.5)  # past the service's two-second read of every host
@@ -302,5 +310,22 @@ def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
     assert page.status_code == 200
     assert re.search(r'<li class="host host-down" data-host="cpu3"', page.text), page.text[:3000]
     assert re.search(r'<li class="host host-up" data-host="gpu2"', page.text)
+    assert any("host cpu3 (" in p for p in read("api/overview").json()["problems"])
     assert answers(hub, "ann")  # a host down leaves the others' servers alone
+
+    # In a browser: after the page's script refreshed the cards from the JSON API, every
+    # card still names its host, and the host that is down is red.
+    tab = browser.new_page()
+    open_as_admin(tab, hub)
+    before = tab.evaluate("document.body.dataset.refreshed || ''")
+    tab.wait_for_function(f"(document.body.dataset.refreshed || '') !== {before!r}",
+                          timeout=30000)
+    shown = tab.eval_on_selector_all(
+        "article.gpu-card", "cards => cards.map(c => [c.dataset.host, "
+        "(c.querySelector('.gpu-host') || {}).textContent])")
+    assert Counter(host for host, _ in shown) == {"gpu1": 4, "gpu2": 2}, shown
+    assert all(host == text for host, text in shown), shown
+    red = tab.eval_on_selector('li.host-down[data-host="cpu3"]',
+                               "node => getComputedStyle(node).backgroundColor")
+    assert red == "rgb(248, 215, 218)", red
     cpu.start()

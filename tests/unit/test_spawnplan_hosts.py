@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from traitlets import TraitError
 
 from gpuspawner import allocator, labels, spawnplan
+from gpuspawner.admin import views
 from gpuspawner.allocator import Refusal
 from gpuspawner.spawnplan import Plan
 from gpuspawner.traits import GPUSpawnerTraits
@@ -124,3 +125,24 @@ def test_the_form_offers_what_every_host_has_summed():
     assert both == {"1g.10gb": (6, 13), "gpu": (1, 1), "3g.40gb": (0, 0)}
     assert both["3g.40gb"].unavailable == 1 and both["3g.40gb"].reason == "GPU 0 lost"
     assert both["1g.10gb"].unavailable == 0 and both["1g.10gb"].reason is None
+
+
+def test_the_admin_overview_of_several_hosts_groups_cards_by_host_and_acts_on_its_own_only():
+    ann = container("a", devices=[SLICE[0]], state="held")[0]
+    bo = container("b", user="bo", devices=[FAR.migs[0]], inventory=FAR, state="held")[0]
+    here, far = snap(ann), snap(bo, inventory=FAR)
+    model = views.across_hosts([("gpu1", here, ""), ("gpu2", far, ""),
+                                ("gpu3", None, "host gpu3 (tcp://gpu3:2376): no answer")],
+                               "lab", acts_on="gpu1")
+    # INV has two GPUs, FAR one: three cards, in the order of the hosts, each naming its host.
+    assert [(c.host, c.uuid) for c in model.cards] == [
+        ("gpu1", INV.gpus[0].uuid), ("gpu1", INV.gpus[1].uuid), ("gpu2", FAR.gpus[0].uuid)]
+    holders = {h.container: h for c in model.cards for b in c.blocks for h in b.holders}
+    assert holders["jupyter-ann"].can_release  # stopped, this hub's, on the hub's own engine
+    assert not holders["jupyter-bo"].can_release and not holders["jupyter-bo"].can_stop
+    # Totals add up per profile: 7 + 7 slices of 1g.10gb, one held on each host.
+    totals = {t.profile: (t.free, t.total) for t in model.totals}
+    assert totals["1g.10gb"] == (12, 14)
+    assert "host gpu3 (tcp://gpu3:2376): no answer" in model.problems
+    single = views.overview(here, "lab")
+    assert all(c.host == "" for c in single.cards)

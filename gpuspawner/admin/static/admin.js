@@ -321,8 +321,10 @@
           text: "until " + clock(b.until) }) : null);
       }));
       return el("article", { cls: "card gpu-card", "data-gpu": card.index === null ? "" :
-        card.index, "data-uuid": card.uuid },
-      el("header", { cls: "card-header" }, el("span", { cls: "gpu-name", text: name }),
+        card.index, "data-uuid": card.uuid, "data-host": card.host || "" },
+      el("header", { cls: "card-header" },
+        card.host ? el("span", { cls: "gpu-host", text: card.host }) : null,
+        el("span", { cls: "gpu-name", text: name }),
         el("span", { cls: "gpu-model", text: model }),
         el("span", { cls: "gpu-meta", text: meta })),
       slices,
