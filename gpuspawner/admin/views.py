@@ -388,9 +388,10 @@ def across_hosts(
 ) -> Overview:
     """The overview of a hub of several hosts: each host's cards in the order of ``hosts``,
     each card saying its host; totals and counts summed; a host down is a problem with its
-    reason. ``parts``: (host, its snapshot or None, why it is down). The page's actions work
-    on the hub's own engine only (``acts_on``): a container on another host shows no
-    release or stop button."""
+    reason. ``parts``: (host, its snapshot or None, why it is down). Stop goes through the
+    Hub, which stops a server on its own host; release removes a container through this
+    service's engine, so only there (``acts_on``): a container on another host shows no
+    release button."""
     cards: list[Card] = []
     totals: dict[str, list[int]] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -404,7 +405,7 @@ def across_hosts(
         for card in one.cards:
             if name != acts_on:
                 card = replace(card, blocks=tuple(
-                    replace(b, holders=tuple(replace(h, can_release=False, can_stop=False)
+                    replace(b, holders=tuple(replace(h, can_release=False)
                                              for h in b.holders))
                     for b in card.blocks))
             cards.append(replace(card, host=name))

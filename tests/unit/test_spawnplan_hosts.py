@@ -130,7 +130,8 @@ def test_the_form_offers_what_every_host_has_summed():
 def test_the_admin_overview_of_several_hosts_groups_cards_by_host_and_acts_on_its_own_only():
     ann = container("a", devices=[SLICE[0]], state="held")[0]
     bo = container("b", user="bo", devices=[FAR.migs[0]], inventory=FAR, state="held")[0]
-    here, far = snap(ann), snap(bo, inventory=FAR)
+    cy = container("c", user="cy", devices=[FAR.migs[1]], inventory=FAR)[0]  # running
+    here, far = snap(ann), snap(bo, cy, inventory=FAR)
     model = views.across_hosts([("gpu1", here, ""), ("gpu2", far, ""),
                                 ("gpu3", None, "host gpu3 (tcp://gpu3:2376): no answer")],
                                "lab", acts_on="gpu1")
@@ -139,10 +140,11 @@ def test_the_admin_overview_of_several_hosts_groups_cards_by_host_and_acts_on_it
         ("gpu1", INV.gpus[0].uuid), ("gpu1", INV.gpus[1].uuid), ("gpu2", FAR.gpus[0].uuid)]
     holders = {h.container: h for c in model.cards for b in c.blocks for h in b.holders}
     assert holders["jupyter-ann"].can_release  # stopped, this hub's, on the hub's own engine
-    assert not holders["jupyter-bo"].can_release and not holders["jupyter-bo"].can_stop
-    # Totals add up per profile: 7 + 7 slices of 1g.10gb, one held on each host.
+    assert not holders["jupyter-bo"].can_release  # removed through the own engine only
+    assert holders["jupyter-cy"].can_stop  # the Hub stops a server on any host
+    # Totals add up per profile: 7 + 7 slices of 1g.10gb, one held here and two there.
     totals = {t.profile: (t.free, t.total) for t in model.totals}
-    assert totals["1g.10gb"] == (12, 14)
+    assert totals["1g.10gb"] == (11, 14)
     assert "host gpu3 (tcp://gpu3:2376): no answer" in model.problems
     single = views.overview(here, "lab")
     assert all(c.host == "" for c in single.cards)
