@@ -158,21 +158,30 @@ class World:
         ReleaseRefused when the container is gone or may not be removed; ``remove_stopped``
         still refuses one that started in the instant between the read and the removal.
         """
-        snap = self.snapshot(fresh=True)
-        found = next((a for a in snap.allocations if a.container_id == container_id), None)
-        if found is None:
-            raise ReleaseRefused(
-                f"no container {container_id[:12]} holds or held a device; it may have been "
-                "removed already", gone=True)
-        why = release_refusal(found, self.hub_id)
-        if why:
-            raise ReleaseRefused(why)
-        # Nothing the user made is lost: the container is saved to an image first, and the
-        # user's next start is made from it (the spawner looks for it).
-        save(self.client, container_id, hub=self.hub_id, user=found.user or "",
-             server=found.server, reason="released by an admin")
-        remove_stopped(self.client, container_id)
-        self.ledger.forget(container_id)
+        found = release(self.snapshot(fresh=True), self.client, self.ledger, self.hub_id,
+                        container_id)
         with self._lock:
             self._last = None
         return found
+
+
+def release(snap: Snapshot, client: Any, ledger: Ledger, hub_id: str | None,
+            container_id: str) -> Allocation:
+    """``World.release`` on any engine: ``snap`` is a fresh read of that engine, ``client``
+    and ``ledger`` its own (a host of a hub of several). The container is saved to an image
+    there, so the user's next start on that host is made from it."""
+    found = next((a for a in snap.allocations if a.container_id == container_id), None)
+    if found is None:
+        raise ReleaseRefused(
+            f"no container {container_id[:12]} holds or held a device; it may have been "
+            "removed already", gone=True)
+    why = release_refusal(found, hub_id)
+    if why:
+        raise ReleaseRefused(why)
+    # Nothing the user made is lost: the container is saved to an image first, and the
+    # user's next start is made from it (the spawner looks for it).
+    save(client, container_id, hub=hub_id or "", user=found.user or "",
+         server=found.server, reason="released by an admin")
+    remove_stopped(client, container_id)
+    ledger.forget(container_id)
+    return found

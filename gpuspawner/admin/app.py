@@ -49,9 +49,9 @@ from .. import events, health, hosts
 from ..inventory import InventoryError
 from ..ledger import LedgerError, connect
 from ..policy import PolicyError
-from ..records import JSONRecord
+from ..records import Allocation, JSONRecord
 from ..snapshot import Snapshot
-from ..world import ReleaseRefused
+from ..world import ReleaseRefused, release
 from . import VIEW_SCOPE, activity, metrics, views
 from .dockerevents import DockerEvents
 from .hubapi import HubAPI, HubUser
@@ -273,8 +273,24 @@ class Admin:
             self._hosts_read = (time.monotonic(), found, rows)
             return found, rows
 
+    def release(self, container_id: str, host: str = "") -> Allocation:
+        """Release a hold (``world.release``): on the service's own engine, or on ``host`` of
+        the hub's hosts through that host's engine, on a fresh read of it (blocking)."""
+        if not host or host == self.own_host():
+            return self.world.release(container_id)
+        reader = next((r for r in self._readers() if r.host.name == host), None)
+        if reader is None:
+            raise ReleaseRefused(f"the hub has no host {host}", gone=True)
+        found = release(reader.read(self.world.policy()), reader.client(), reader.ledger(),
+                        self.settings.hub_id, container_id)
+        with self._hosts_lock:
+            self._hosts_read = None
+        return found
+
     def own_host(self) -> str | None:
-        """The name of the host that is this service's own engine (where its actions act)."""
+        """The name of the host that is this service's own engine; None on a one-host hub."""
+        if not self.settings.hosts:
+            return None
         own = self.settings.docker_host or "unix:///var/run/docker.sock"
         return next((reader.host.name for reader in self._readers()
                      if hosts.same_endpoint(reader.host.url, own)), None)
@@ -626,8 +642,9 @@ class ReleaseAction(ActionHandler):
         cid = self.field("container").strip()
         if not cid:
             raise web.HTTPError(400, log_message="say which container: container=<id>")
+        host = self.field("host").strip()
         try:
-            allocation = await self.admin.run(self.admin.world.release, cid)
+            allocation = await self.admin.run(self.admin.release, cid, host)
         except ReleaseRefused as exc:
             raise web.HTTPError(404 if exc.gone else 409, log_message=str(exc)) from None
         except docker.errors.NotFound:
@@ -643,7 +660,7 @@ class ReleaseAction(ActionHandler):
             events.GPU_RELEASE, user=allocation.user, server=allocation.server,
             container=allocation.container_name, uuids=list(allocation.uuids),
             slots=list(allocation.slots), state=allocation.state, by=self.access.name,
-            via="admin-page",
+            via="admin-page", **({"host": host} if host else {}),
         )
         devices = ", ".join(allocation.slots) or "no device"
         log.info("%s released %s (%s) of %s", self.access.name, devices,

@@ -90,6 +90,8 @@ class Holder(JSONRecord):
     ports: str
     can_release: bool
     can_stop: bool
+    #: The host (of the hub's ``hosts``) the container is on; "" on a one-host hub.
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -389,9 +391,9 @@ def across_hosts(
     """The overview of a hub of several hosts: each host's cards in the order of ``hosts``,
     each card saying its host; totals and counts summed; a host down is a problem with its
     reason. ``parts``: (host, its snapshot or None, why it is down). Stop goes through the
-    Hub, which stops a server on its own host; release removes a container through this
-    service's engine, so only there (``acts_on``): a container on another host shows no
-    release button."""
+    Hub, which stops a server on its own host; a release removes a container through its
+    host's engine, so the holders of a host other than the service's own (``acts_on``)
+    name their host, and the release form sends it."""
     cards: list[Card] = []
     totals: dict[str, list[int]] = {}
     counts: dict[str, int] = defaultdict(int)
@@ -403,10 +405,9 @@ def across_hosts(
             continue
         one = overview(snap, hub_id)
         for card in one.cards:
-            if name != acts_on:
+            if name != acts_on:  # released through that host's engine
                 card = replace(card, blocks=tuple(
-                    replace(b, holders=tuple(replace(h, can_release=False)
-                                             for h in b.holders))
+                    replace(b, holders=tuple(replace(h, host=name) for h in b.holders))
                     for b in card.blocks))
             cards.append(replace(card, host=name))
         for total in one.totals:

@@ -329,3 +329,51 @@ def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
                                "node => getComputedStyle(node).backgroundColor")
     assert red == "rgb(248, 215, 218)", red
     cpu.start()
+
+
+def test_an_admin_releases_a_hold_on_another_host_and_the_server_comes_back_there(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    """A hold on the far host is released from the admin page: the container is saved to an
+    image on that host and removed there; the user's next start finds the saved copy on that
+    host, stays there, and has the file back."""
+    tokens = Tokens()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults: {gpu_hold_after_stop: 1h}\n")
+    hosts = hosts_config(engine, far_engine, None)
+    hub = make_hub(config_extra=admin_config(tokens, before=(
+        f"c.GPUSpawner.hosts = {hosts!r}\n"
+        'c.GPUSpawner.allocation_strategy = "spread"\n'
+        f"c.GPUSpawner.policy_file = {str(policy)!r}\n")))
+    hub.spawn("ann", "mig-1g")  # spread: the first host, then the emptier one
+    hub.spawn("bo", "mig-1g")
+    host, first = where("bo", {"gpu1": engine, "gpu2": far_engine})
+    assert host == "gpu2"
+    assert run_in(far_engine, first.id, "echo mine > /home/jovyan/notes.txt && echo ok") == "ok"
+    hub.stop_server("bo")
+
+    deadline = time.monotonic() + 30
+    while True:  # the hub starts the service; the proxy answers 503 until it listens
+        model = with_token(hub, tokens.ops, "api/overview")
+        if model.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    holders = [h for card in model.json()["cards"] for b in card["blocks"]
+               for h in b["holders"] if h["user"] == "bo"]
+    assert [(h["host"], h["state"], h["can_release"]) for h in holders] == [
+        ("gpu2", "held", True)], holders
+    released = with_token(hub, tokens.ops, "api/release", method="POST",
+                          data={"container": holders[0]["container_id"], "host": "gpu2"})
+    assert released.status_code == 200, released.text
+    assert far_engine.client.containers.list(all=True, filters={"name": "jupyter-bo"}) == []
+    saved = [i for i in far_engine.client.images.list() if i.labels.get("ds01.user") == "bo"]
+    assert saved, "no saved copy on the far host"
+    logged = [e for e in hub.events() if e.get("event") == "gpu.release"]
+    assert [(e["user"], e["host"]) for e in logged] == [("bo", "gpu2")]
+
+    hub.spawn("bo", "mig-1g")
+    host, again = where("bo", {"gpu1": engine, "gpu2": far_engine})
+    assert host == "gpu2" and again.id != first.id
+    assert run_in(far_engine, again.id, "cat /home/jovyan/notes.txt") == "mine"
+    assert answers(hub, "bo")

@@ -127,7 +127,7 @@ def test_the_form_offers_what_every_host_has_summed():
     assert both["1g.10gb"].unavailable == 0 and both["1g.10gb"].reason is None
 
 
-def test_the_admin_overview_of_several_hosts_groups_cards_by_host_and_acts_on_its_own_only():
+def test_the_admin_overview_of_several_hosts_groups_cards_by_host_and_names_it_for_actions():
     ann = container("a", devices=[SLICE[0]], state="held")[0]
     bo = container("b", user="bo", devices=[FAR.migs[0]], inventory=FAR, state="held")[0]
     cy = container("c", user="cy", devices=[FAR.migs[1]], inventory=FAR)[0]  # running
@@ -139,8 +139,9 @@ def test_the_admin_overview_of_several_hosts_groups_cards_by_host_and_acts_on_it
     assert [(c.host, c.uuid) for c in model.cards] == [
         ("gpu1", INV.gpus[0].uuid), ("gpu1", INV.gpus[1].uuid), ("gpu2", FAR.gpus[0].uuid)]
     holders = {h.container: h for c in model.cards for b in c.blocks for h in b.holders}
-    assert holders["jupyter-ann"].can_release  # stopped, this hub's, on the hub's own engine
-    assert not holders["jupyter-bo"].can_release  # removed through the own engine only
+    # Stopped and this hub's: released through the engine of the host each names.
+    assert holders["jupyter-ann"].can_release and holders["jupyter-ann"].host == ""
+    assert holders["jupyter-bo"].can_release and holders["jupyter-bo"].host == "gpu2"
     assert holders["jupyter-cy"].can_stop  # the Hub stops a server on any host
     # Totals add up per profile: 7 + 7 slices of 1g.10gb, one held here and two there.
     totals = {t.profile: (t.free, t.total) for t in model.totals}

@@ -102,6 +102,7 @@
         "data-confirm": `Remove the stopped container ${h.container_name || h.container}? ` +
           "Its volumes are kept; the user's next start creates a new container.",
       }, hidden("_xsrf", xsrf), hidden("container", h.container_id), hidden("next", pageName),
+      h.host ? hidden("host", h.host) : null,
       el("button", { type: "submit", cls: "btn btn-sm btn-outline-warning",
         text: "Release hold" })));
     }
