@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
+import glob
 import json
 import logging
 import os
@@ -488,24 +488,26 @@ class LogReader:
         # Rotated: ours is done. The rotated files written after ours, oldest first, then
         # the new current file from its start.
         finished, finished_mtime = self._id, mine.st_mtime_ns
-        self.close()
-        if not self._open_current():
-            return
-        skip = {self._id}
-        newer = []
-        for index in itertools.count(1):
-            name = rotated(self.path, index)
+        ours, where = self._file, (self._offset, self._carry, self._skipping)
+        while True:
+            self._file = None
+            if not self._open_current():
+                # Renamed, and the new file not made yet: stay on ours (read to its end), so
+                # the next call finds this rotation again and reads every file since.
+                self._file, self._id = ours, finished
+                self._offset, self._carry, self._skipping = where
+                return
+            newer = self._rotated_since(finished, finished_mtime)
             try:
-                stat = os.stat(name)
+                now = os.stat(self.path)
             except FileNotFoundError:
                 break
-            ident = (stat.st_dev, stat.st_ino)
-            if ident == finished:
+            if (now.st_dev, now.st_ino) == self._id:
                 break
-            # A stale file of an earlier configuration (more files kept) is older than ours.
-            if ident not in skip and stat.st_mtime_ns >= finished_mtime:
-                newer.append(name)
-            skip.add(ident)
+            # Rotated again while the files were looked at (they move up one by one): look
+            # again, from the new current file. Nothing was read yet.
+            self._file.close()
+        ours.close()
         current = self._file
         for name in reversed(newer):
             with open(name, "rb") as whole:
@@ -513,6 +515,31 @@ class LogReader:
                 yield from self._read_on(whole)
         self._restart()
         yield from self._read_on(current)
+
+    def _rotated_since(self, finished: tuple[int, int] | None,
+                       finished_mtime: int) -> list[Path]:
+        """The rotated files written after ``finished`` (newest first), the current one
+        left out. Every rotated file there is looked at, gaps included: a rotation moves
+        them up one rename at a time, so ``<file>.1`` can be missing for an instant while
+        ``<file>.2`` already holds what was ``.1``."""
+        numbers = sorted(int(p.name.rsplit(".", 1)[1]) for p in
+                         self.path.parent.glob(f"{glob.escape(self.path.name)}.*")
+                         if p.name.rsplit(".", 1)[1].isdigit())
+        skip, newer = {self._id}, []
+        for index in numbers:
+            name = rotated(self.path, index)
+            try:
+                stat = os.stat(name)
+            except FileNotFoundError:
+                continue
+            ident = (stat.st_dev, stat.st_ino)
+            if ident == finished:
+                break
+            # A stale file of an earlier configuration (more files kept) is older than ours.
+            if ident not in skip and stat.st_mtime_ns >= finished_mtime:
+                newer.append(name)
+            skip.add(ident)
+        return newer
 
     def close(self) -> None:
         if self._file is not None:

@@ -357,6 +357,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         ``allocation_strategy`` (``spawnplan.order_hosts``). Refuses when none fits, saying
         why on each host, or when the host it must use does not answer."""
         read_at = time.monotonic()
+        self._amounts = {}
         views, down = await self._read_hosts()
         self._views = views
         home = await self._home(views, down)
@@ -375,7 +376,6 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         request = await self._spawn_request(profile, wanted)
         fits: list[tuple[str, float]] = []
         refusals: dict[str, Refusal] = {}
-        self._amounts = {}
         pending: dict[str, float] = {}
         for name, amount, made in self._on_the_way.values():
             if made is None or made > read_at:  # not in that host's read

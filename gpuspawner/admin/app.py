@@ -276,9 +276,13 @@ class Admin:
     def release(self, container_id: str, host: str = "") -> Allocation:
         """Release a hold (``world.release``): on the service's own engine, or on ``host`` of
         the hub's hosts through that host's engine, on a fresh read of it (blocking)."""
+        try:
+            readers = self._readers() if host and self.settings.hosts else []
+        except hosts.HostsError as exc:
+            raise ReleaseRefused(str(exc)) from exc
         if not host or host == self.own_host():
             return self.world.release(container_id)
-        reader = next((r for r in self._readers() if r.host.name == host), None)
+        reader = next((r for r in readers if r.host.name == host), None)
         if reader is None:
             raise ReleaseRefused(f"the hub has no host {host}", gone=True)
         found = release(reader.read(self.world.policy()), reader.client(), reader.ledger(),
