@@ -185,9 +185,8 @@ def _host_readers(args) -> list[hosts.HostReader]:
         raise ConfigError("the GPU probe needs an image on every host (any with sh): pass "
                           "--probe-image or set GPUSPAWNER_PROBE_IMAGE or GPUSPAWNER_IMAGE")
     policy = PolicyFile(args.policy)
-    return [hosts.HostReader(host, image=image, hub_id=args.hub_id, policy=policy.current,
-                             start_timeout=args.start_timeout)
-            for host in found]
+    return hosts.readers(found, image=image, hub_id=args.hub_id, policy=policy.current,
+                         start_timeout=args.start_timeout)
 
 
 def cmd_hosts(args, world: World | None) -> int:

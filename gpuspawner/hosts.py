@@ -17,6 +17,7 @@ answer is marked down with the reason while the others go on.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import threading
 import time
@@ -102,6 +103,16 @@ def parse_hosts(value: Mapping[str, Any]) -> tuple[Host, ...]:
                                                for k in ("address", "tls_ca", "tls_cert",
                                                          "tls_key", "topology"))))
     return tuple(found)
+
+
+#: Docker's own default endpoint: the engine a client reaches without ``DOCKER_HOST``.
+DEFAULT_ENDPOINT = "unix:///var/run/docker.sock"
+
+
+def own_endpoint(configured: str | None = None) -> str:
+    """The hub's own engine: the endpoint it is configured with, else ``DOCKER_HOST``, else
+    Docker's default, as Docker's client chooses."""
+    return configured or os.environ.get("DOCKER_HOST") or DEFAULT_ENDPOINT
 
 
 def same_endpoint(a: str, b: str) -> bool:
@@ -287,6 +298,25 @@ class HostReader:
             if self._pending is None or self._pending.done():
                 self._pending = pool.submit(self.read)
             return self._pending
+
+
+def readers(
+    found: Sequence[Host],
+    *,
+    image: str,
+    hub_id: str,
+    policy: Callable[[], Policy],
+    start_timeout: float = 60.0,
+    own: str | None = None,
+    local_inventory: Callable[[], Inventory] | None = None,
+) -> list[HostReader]:
+    """One reader per host; the host whose endpoint is ``own`` (the reader's own engine)
+    reads its GPUs through ``local_inventory`` (NVML), the others through their probe."""
+    return [HostReader(host, image=image, hub_id=hub_id, policy=policy,
+                       start_timeout=start_timeout,
+                       local_inventory=(local_inventory if own is not None
+                                        and same_endpoint(host.url, own) else None))
+            for host in found]
 
 
 @dataclass(frozen=True)

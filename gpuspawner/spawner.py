@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -218,8 +217,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
 
     def _own_url(self) -> str:
         """The hub's own engine, as DockerSpawner connects to it."""
-        return ((self.client_kwargs or {}).get("base_url") or os.environ.get("DOCKER_HOST")
-                or "unix:///var/run/docker.sock")
+        return hosts.own_endpoint((self.client_kwargs or {}).get("base_url"))
 
     def _host(self, name: str | None) -> hosts.Host | None:
         """Host ``name`` of ``hosts``; for None (or a name no longer configured) the hub's

@@ -295,7 +295,7 @@ class Admin:
         """The name of the host that is this service's own engine; None on a one-host hub."""
         if not self.settings.hosts:
             return None
-        own = self.settings.docker_host or "unix:///var/run/docker.sock"
+        own = hosts.own_endpoint(self.settings.docker_host)
         return next((reader.host.name for reader in self._readers()
                      if hosts.same_endpoint(reader.host.url, own)), None)
 
@@ -319,14 +319,11 @@ class Admin:
         if self._host_readers is None:
             assert self.settings.hosts
             found = hosts.load_setting(self.settings.hosts)
-            own = self.settings.docker_host or "unix:///var/run/docker.sock"
-            self._host_readers = [
-                hosts.HostReader(
-                    host, image=self.settings.probe_image or "", hub_id=self.settings.hub_id,
-                    policy=self.world.policy, start_timeout=self.settings.start_timeout,
-                    local_inventory=(self.world.read_inventory
-                                     if hosts.same_endpoint(host.url, own) else None))
-                for host in found]
+            self._host_readers = hosts.readers(
+                found, image=self.settings.probe_image or "", hub_id=self.settings.hub_id,
+                policy=self.world.policy, start_timeout=self.settings.start_timeout,
+                own=hosts.own_endpoint(self.settings.docker_host),
+                local_inventory=self.world.read_inventory)
             self._host_pool = ThreadPoolExecutor(len(found), thread_name_prefix="gpuadmin-host")
         return self._host_readers
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .. import allocator
 from ..inventory import profile_slices
 from ..policy import format_duration
 from ..records import (
@@ -395,7 +396,6 @@ def across_hosts(
     host's engine, so the holders of a host other than the service's own (``acts_on``)
     name their host, and the release form sends it."""
     cards: list[Card] = []
-    totals: dict[str, list[int]] = {}
     counts: dict[str, int] = defaultdict(int)
     problems: list[str] = []
     taken: list[str] = []
@@ -410,10 +410,6 @@ def across_hosts(
                     replace(b, holders=tuple(replace(h, host=name) for h in b.holders))
                     for b in card.blocks))
             cards.append(replace(card, host=name))
-        for total in one.totals:
-            have = totals.setdefault(total.profile, [0, 0])
-            have[0] += total.free
-            have[1] += total.total
         for state, _words, count in one.counts:
             counts[state] += count
         problems.extend(f"host {name}: {p}" for p in one.problems)
@@ -421,8 +417,9 @@ def across_hosts(
     return Overview(
         taken_at=min(taken) if taken else "",
         cards=tuple(cards),
-        totals=tuple(Total(profile=p, free=f, used=t - f, total=t)
-                     for p, (f, t) in totals.items()),
+        totals=tuple(Total(profile=p, free=f, used=t - f, total=t) for p, (f, t) in
+                     allocator.summed(snap.free_by_profile() for _name, snap, _down in parts
+                                      if snap is not None).items()),
         counts=tuple((s, words, counts.get(s, 0)) for s, words in STATES),
         problems=tuple(problems),
         source="hosts",
