@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +24,7 @@ import pytest
 
 from .. import gpusim
 from ..engine import EnginePaths
-from ..gpusim import BIN_DIR, Simulator, TopologyError
+from ..gpusim import BIN_DIR, Simulator, TopologyError, load_fake_nvml
 
 UUID = re.compile(r"^(GPU|MIG)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 SMI = str(BIN_DIR / "nvidia-smi")
@@ -626,3 +627,15 @@ def test_one_sessions_neighbour_engines_share_no_bridge_or_subnet() -> None:
         main = EnginePaths.from_env(environ)
         engines = [main, main.beside("nvidia-default"), main.beside("remote-h100")]
         assert len({p.bridge for p in engines}) == len({p.gateway_cidr for p in engines}) == 3
+
+
+def test_copies_of_the_fake_nvml_loaded_at_once_are_each_whole():
+    """Tests load fresh copies from several threads (a scenario's watcher beside the test):
+    each copy's error classes and fault hooks are its own, and none fails to load."""
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _n: load_fake_nvml(), range(40)))
+    for nvml in copies:
+        assert nvml.NVMLError_NotFound is nvml.NVMLError._valClassMapping[
+            nvml.NVML_ERROR_NOT_FOUND]
+        assert issubclass(nvml.NVMLError_NoPermission, nvml.NVMLError)
+        assert nvml.nvmlDeviceGetCount.__wrapped__ is not None  # the fault hook is on

@@ -43,7 +43,6 @@ import json
 import os
 import re
 import string
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -184,12 +183,12 @@ def nvmlExceptionClass(nvmlErrorCode: int) -> type[NVMLError]:
 
 def _extract_error_classes() -> None:
     """Make ``NVMLError_NotFound`` and friends exactly as the real module names them."""
-    module = sys.modules[__name__]
-    for name in [x for x in dir(module) if x.startswith("NVML_ERROR_")]:
+    namespace = globals()  # this copy's own, never sys.modules[__name__] (_install_faults)
+    for name in [x for x in list(namespace) if x.startswith("NVML_ERROR_")]:
         class_name = "NVMLError_" + string.capwords(
             name.replace("NVML_ERROR_", ""), "_"
         ).replace("_", "")
-        code = getattr(module, name)
+        code = namespace[name]
 
         def make_new(code: int = code) -> Any:
             def new(cls: type[NVMLError], *args: Any) -> NVMLError:
@@ -199,7 +198,7 @@ def _extract_error_classes() -> None:
 
         error_class = type(class_name, (NVMLError,), {"__new__": make_new()})
         error_class.__module__ = __name__
-        setattr(module, class_name, error_class)
+        namespace[class_name] = error_class
         NVMLError._valClassMapping[code] = error_class
 
 
@@ -919,14 +918,17 @@ def _with_faults(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _install_faults() -> None:
-    module = sys.modules[__name__]
-    for name, value in list(vars(module).items()):
+    # This module's own namespace, never ``sys.modules[__name__]``: a test that loads a fresh
+    # copy (``load_fake_nvml``) while another thread loads one has that entry replaced
+    # under it.
+    namespace = globals()
+    for name, value in list(namespace.items()):
         if (name.startswith("nvml") and name[4:5].isupper() and callable(value)
                 and not isinstance(value, type) and name not in ("nvmlShutdown",
                                                                  "nvmlErrorString",
                                                                  "nvmlExceptionClass",
                                                                  "nvmlStructToFriendlyObject")):
-            setattr(module, name, _with_faults(name, value))
+            namespace[name] = _with_faults(name, value)
 
 
 def _throw_on_version_mismatch(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -948,9 +950,9 @@ def _throw_on_version_mismatch(function: Callable[..., Any]) -> Callable[..., An
 
 
 def _install_version_checks() -> None:
-    module = sys.modules[__name__]
+    namespace = globals()  # as in _install_faults
     for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-        setattr(module, name, _throw_on_version_mismatch(getattr(module, name)))
+        namespace[name] = _throw_on_version_mismatch(namespace[name])
 
 
 _install_faults()
