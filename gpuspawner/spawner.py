@@ -841,11 +841,11 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                     full = isinstance(result, Refusal) and result.code == allocator.FULL
                     if full and candidates:  # taken since the hosts were read: the next one
                         next_host = True
-                    elif isinstance(result, Refusal) and self.hosts:
-                        result = replace(result, message=f"on host {self.host_name}: "
-                                                         f"{result.message}")
                     elif not (full and self.gpu_wait_timeout and not waited):
-                        self._plan = await self._carry_out(result)
+                        if isinstance(result, Refusal) and self.hosts:
+                            result = replace(result, message=f"on host {self.host_name}: "
+                                                             f"{result.message}")
+                        self._plan = await self._carry_out(result)  # raises a refusal
                         self._mark_starting(snap)
                         self._on_its_way(made=True)
                 if next_host:

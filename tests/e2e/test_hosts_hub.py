@@ -377,3 +377,28 @@ def test_an_admin_releases_a_hold_on_another_host_and_the_server_comes_back_ther
     assert host == "gpu2" and again.id != first.id
     assert run_in(far_engine, again.id, "cat /home/jovyan/notes.txt") == "mine"
     assert answers(hub, "bo")
+
+
+def test_a_server_whose_host_is_full_is_refused_at_once_naming_its_host(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    """ann's stopped server is on the far host; its only 3g.40gb slice went to bo after the
+    hold. ann's restart plans on her own host (her files are there) and is refused at once,
+    saying which host is full; her container is kept."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults: {gpu_hold_after_stop: 0}\n")
+    hosts = {"gpu2": hosts_config(engine, far_engine, None)["gpu2"]}
+    hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n"
+                                f"c.GPUSpawner.policy_file = {str(policy)!r}\n")
+    hub.spawn("ann", "mig-3g")
+    first = far_engine.client.containers.get("jupyter-ann")
+    hub.stop_server("ann")
+    hub.spawn("bo", "mig-3g")
+    began = time.monotonic()
+    response = hub.spawn("ann", "mig-3g")
+    assert response.status_code == 503, response.text
+    assert "On host gpu2: all 1 3g.40gb slices are in use" in response.text, response.text
+    assert time.monotonic() - began < 30
+    kept = far_engine.client.containers.get("jupyter-ann")
+    assert kept.id == first.id and kept.status == "exited"
