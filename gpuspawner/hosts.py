@@ -207,6 +207,7 @@ class HostReader:
         local_inventory: Callable[[], Inventory] | None = None,
         probe_ttl: float = PROBE_TTL,
         clock: Callable[[], float] = time.monotonic,
+        busy_memory_mib: int = 0,
     ) -> None:
         self.host = host
         self.image = image
@@ -214,6 +215,8 @@ class HostReader:
         self.policy = policy
         self.start_timeout = start_timeout
         self.local_inventory = local_inventory
+        #: The hub's ``busy_memory_mib``, for every read of this host that does not say.
+        self.busy_memory_mib = busy_memory_mib
         self.probe_ttl = probe_ttl
         self.clock = clock
         self._lock = threading.Lock()
@@ -274,14 +277,15 @@ class HostReader:
         return found
 
     def read(self, policy: Policy | None = None, *, live: str = "",
-             stopped_max_age: float = 0.0, busy_memory_mib: int = 0) -> Snapshot:
+             stopped_max_age: float = 0.0, busy_memory_mib: int | None = None) -> Snapshot:
         """Docker's containers of this host, then its GPUs (``snapshot.take``, whose
         arguments the others are)."""
         try:
             _client, ledger = self._engine()
             return take(self.inventory, ledger, policy or self.policy(), hub_id=self.hub_id,
                         live=live, stopped_max_age=stopped_max_age,
-                        busy_memory_mib=busy_memory_mib)
+                        busy_memory_mib=(self.busy_memory_mib if busy_memory_mib is None
+                                         else busy_memory_mib))
         except (LedgerError, docker.errors.DockerException, OSError) as exc:
             self.reset()
             # Docker's client names a unix socket "http+docker://localhost": say which.
@@ -309,11 +313,12 @@ def readers(
     start_timeout: float = 60.0,
     own: str | None = None,
     local_inventory: Callable[[], Inventory] | None = None,
+    busy_memory_mib: int = 0,
 ) -> list[HostReader]:
     """One reader per host; the host whose endpoint is ``own`` (the reader's own engine)
     reads its GPUs through ``local_inventory`` (NVML), the others through their probe."""
     return [HostReader(host, image=image, hub_id=hub_id, policy=policy,
-                       start_timeout=start_timeout,
+                       start_timeout=start_timeout, busy_memory_mib=busy_memory_mib,
                        local_inventory=(local_inventory if own is not None
                                         and same_endpoint(host.url, own) else None))
             for host in found]
@@ -351,6 +356,12 @@ class HostView(JSONRecord):
         }
 
 
+def timed_out(host: Host, timeout: float) -> str:
+    """Why a host is down when its read took longer than ``timeout`` seconds."""
+    return (f"host {host.name}: its Docker engine at {host.url} did not answer within "
+            f"{timeout:g} s")
+
+
 def read_all(
     readers: Sequence[HostReader], pool: ThreadPoolExecutor, timeout: float = 10.0
 ) -> tuple[HostView, ...]:
@@ -365,9 +376,7 @@ def read_all(
         try:
             snap = started[name].result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            views.append(HostView(name, None, f"host {name}: its Docker engine at "
-                                              f"{reader.host.url} did not answer within "
-                                              f"{timeout:g} s"))
+            views.append(HostView(name, None, timed_out(reader.host, timeout)))
         except LedgerError as exc:
             views.append(HostView(name, None, str(exc)))
         else:

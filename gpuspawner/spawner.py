@@ -285,8 +285,9 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 return await asyncio.wait_for(self._run(
                     self._snapshot_of, name, "", self.STOPPED_MAX_AGE), self.HOST_READ_TIMEOUT)
             except asyncio.TimeoutError:
-                return f"host {name}: its Docker engine did not answer within " \
-                       f"{self.HOST_READ_TIMEOUT:g} s"
+                host = self._host(name)
+                assert host is not None
+                return hosts.timed_out(host, self.HOST_READ_TIMEOUT)
             except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
                 return str(exc)
 

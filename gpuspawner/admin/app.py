@@ -323,7 +323,8 @@ class Admin:
                 found, image=self.settings.probe_image or "", hub_id=self.settings.hub_id,
                 policy=self.world.policy, start_timeout=self.settings.start_timeout,
                 own=hosts.own_endpoint(self.settings.docker_host),
-                local_inventory=self.world.read_inventory)
+                local_inventory=self.world.read_inventory,
+                busy_memory_mib=self.settings.busy_memory_mib)
             self._host_pool = ThreadPoolExecutor(len(found), thread_name_prefix="gpuadmin-host")
         return self._host_readers
 
