@@ -11,6 +11,7 @@ and what was made lately (``Ledger.read``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -33,6 +34,8 @@ from .records import (
     HELD,
     RUNNING,
     Allocation,
+    Change,
+    Changes,
     JSONRecord,
 )
 
@@ -229,6 +232,131 @@ class Ledger:
         self._anchors: tuple[str, ...] = ()
         self._anchor_created = 0
         self._refreshing = False
+        #: The engine's clock minus the hub's (an estimate: ``learn_skew``), whether it keeps
+        #: containers running across its own restarts, and when ``info`` said so (None: not
+        #: read yet).
+        self._skew_ns = 0
+        self._facts_at: float | None = None
+        self._live_restore = False
+
+    #: Seconds the race checks' event window reaches back before a plan's read, beyond what
+    #: the engine's clock is known to be: event times and the clocks' lower bound are not
+    #: exact to the nanosecond.
+    event_margin = 0.5
+
+    #: Seconds the window reaches past the check's moment on the engine's clock as far as
+    #: it is known: the spawn's own event, a moment before, must be in it. A window that
+    #: ends in the engine's future makes Docker wait until then, so it is kept short.
+    event_reach = 0.005
+
+    #: Seconds an event read may take; past that it is dropped and the lists answer. A read
+    #: asked up to a moment still to come on the engine's clock waits for it.
+    event_timeout = 1.0
+
+    #: Seconds what ``info`` said (live-restore, the engine's clock) is trusted.
+    facts_max_age = 60.0
+
+    def changes(self, planned_ns: int, checked_ns: int) -> Changes | None:
+        """The container events of Docker's buffer from a plan's read (``planned_ns``, the
+        hub's clock) to now (``checked_ns``), asked on the engine's clock as far as it is
+        known. None when the buffer cannot prove anything: the engine keeps containers
+        running across its restarts (live-restore: a restart empties the buffer and no
+        start is ever logged for them), or it did not answer in time.
+
+        Whether the answer covers the whole window is for ``spawnplan.newcomers`` to judge
+        (the buffer's size, this spawn's own event, the clocks)."""
+        if not self._engine_facts() or self._live_restore:
+            return None
+        since = planned_ns + self._skew_ns - int(self.event_margin * 1e9)
+        until = checked_ns + self._skew_ns + int(self.event_reach * 1e9)
+        try:
+            stream = self.api.events(since=_stamp(since), until=_stamp(until))
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return None
+        late = threading.Event()
+
+        def give_up() -> None:
+            late.set()
+            stream.close()
+
+        timer = threading.Timer(self.event_timeout, give_up)
+        timer.start()
+        try:
+            raw = b"".join(stream)
+        except Exception:  # noqa: BLE001 - closed by the timer, or the engine went away
+            return None
+        finally:
+            timer.cancel()
+        if late.is_set():
+            with self._lock:
+                self._facts_at = None  # the clocks moved: read them again
+            return None
+        found: list[Change] = []
+        count, daemon = 0, False
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            count += 1
+            # Docker writes compact JSON: a full buffer of 256 events is counted without
+            # decoding the networks', images' and execs' ones.
+            if b'"Type":"container"' not in line and b'"Type":"daemon"' not in line:
+                continue
+            event = json.loads(line)
+            if event.get("Type") == "daemon":
+                daemon = True
+                continue
+            found.append(Change(str((event.get("Actor") or {}).get("ID") or event.get("id")),
+                                str(event.get("Action") or event.get("status") or ""),
+                                int(event.get("timeNano") or 0)))
+        if daemon:
+            with self._lock:
+                self._facts_at = None  # live-restore may have changed
+        return Changes(tuple(found), count, daemon, since, until)
+
+    def learn_skew(self, skew_ns: int) -> None:
+        """The engine's clock minus the hub's as a race check just bounded it from below
+        (this spawn's own event happened before the check's moment). The estimate, first
+        from ``info`` (its ``SystemTime`` against the middle of the call), is raised to
+        every such bound; it is read again from ``info`` after ``facts_max_age`` and after a
+        read that waited too long. It only places the window: whether the window covered
+        what it must is ``spawnplan.newcomers``'s test, not this estimate's."""
+        with self._lock:
+            self._skew_ns = max(self._skew_ns, skew_ns)
+
+    def holds_gpu(self, container_ids: Iterable[str]) -> bool:
+        """Whether any of these containers asks for an NVIDIA device (its device requests:
+        the one rule of what a container holds). One that is gone holds nothing."""
+        for cid in container_ids:
+            try:
+                facts, _calls = self._facts(cid)
+            except docker.errors.NotFound:
+                continue
+            if facts.ids or facts.count:
+                return True
+        return False
+
+    def _engine_facts(self) -> bool:
+        """Read ``info`` when what it said is older than ``facts_max_age``: live-restore, and
+        a first estimate of the engine's clock minus the hub's. False when the engine did
+        not tell."""
+        with self._lock:
+            known = self._facts_at
+        if known is not None and time.monotonic() - known < self.facts_max_age:
+            return True
+        asked = time.time_ns()
+        try:
+            info = self.api.info()
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return False
+        answered = time.time_ns()
+        engine_now = _epoch_ns(str(info.get("SystemTime") or ""))
+        if engine_now is None:
+            return False
+        with self._lock:
+            self._live_restore = bool(info.get("LiveRestoreEnabled"))
+            self._skew_ns = engine_now - (asked + answered) // 2
+            self._facts_at = time.monotonic()
+        return True
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -605,6 +733,26 @@ class Ledger:
             allocation = replace(allocation, state=state)
         self._built[cid] = (key, allocation)
         return allocation, calls
+
+
+def _stamp(ns: int) -> str:
+    """Nanoseconds since the epoch as Docker's ``since``/``until`` take them."""
+    seconds, nanos = divmod(ns, 10**9)
+    return f"{seconds}.{nanos:09d}"
+
+
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
+def _epoch_ns(text: str) -> int | None:
+    """Docker's RFC 3339 time with nanoseconds (``SystemTime``) as nanoseconds since the
+    epoch; None when it is not one."""
+    match = _RFC3339.fullmatch(text.strip())
+    if not match:
+        return None
+    head, fraction, zone = match.groups()
+    whole = datetime.fromisoformat(head + ("+00:00" if zone == "Z" else zone))
+    return int(whole.timestamp()) * 10**9 + int((fraction or "0").ljust(9, "0")[:9])
 
 
 def _entry(attrs: Mapping[str, Any]) -> dict[str, Any]:

@@ -216,3 +216,38 @@ class Allocation(JSONRecord):
     @property
     def port_map(self) -> dict[str, int]:
         return dict(self.ports)
+
+
+# ------------------------------------------------------------- the engine's event buffer
+
+#: How many of its latest events dockerd keeps to answer a ``since`` query (moby's
+#: ``eventsLimit``): a reading that returns this many may have lost older ones.
+EVENT_BUFFER = 256
+
+#: The container events after which a container runs or may start: the only ones that can
+#: make it a rival of a spawn (``spawnplan.newcomers``).
+LIVE_ACTIONS = frozenset({"create", "start", "restart", "unpause"})
+
+
+@dataclass(frozen=True)
+class Change(JSONRecord):
+    """One container event from Docker's buffer, on the engine's clock."""
+
+    container_id: str
+    action: str
+    time_ns: int
+
+
+@dataclass(frozen=True)
+class Changes(JSONRecord):
+    """What Docker's event buffer held between ``since_ns`` and ``until_ns`` (the engine's
+    clock, as the reader asked): the container events, and what tells whether the buffer
+    covered the whole window."""
+
+    changes: tuple[Change, ...]
+    #: Every event returned, of any type: ``EVENT_BUFFER`` of them may mean some were lost.
+    events: int
+    #: The engine reloaded its configuration in the window (a ``daemon`` event).
+    daemon: bool
+    since_ns: int
+    until_ns: int

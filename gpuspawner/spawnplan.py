@@ -23,7 +23,16 @@ from typing import Any
 from . import allocator, labels, ports
 from .allocator import Choice, Refusal, Request
 from .labels import LabelRecord
-from .records import CREATED, RUNNING, Allocation, JSONRecord, made_by
+from .records import (
+    CREATED,
+    EVENT_BUFFER,
+    LIVE_ACTIONS,
+    RUNNING,
+    Allocation,
+    Changes,
+    JSONRecord,
+    made_by,
+)
 from .snapshot import Snapshot
 
 # Actions.
@@ -522,6 +531,56 @@ def race_loser(
             taken = allocator.Taken(snap.inventory, [rival])
             lost.update(u for u in mine.uuids if u in devices and taken.blockers(devices[u]))
     return tuple(sorted(lost))
+
+
+@dataclass(frozen=True)
+class Newcomers(JSONRecord):
+    """What Docker's event buffer proves about the containers that became live since a
+    plan's read (``newcomers``)."""
+
+    #: The buffer covered the whole window: every container made or started in it is in
+    #: ``suspects`` (or is this spawn's own).
+    proven: bool
+    #: Why it did not, for the log ("" when proven).
+    reason: str = ""
+    suspects: tuple[str, ...] = ()
+    #: The engine's clock minus the hub's, bounded from below by this spawn's own event.
+    skew_ns: int | None = None
+
+
+def newcomers(changes: Changes, racer: str, expect: str, own: frozenset[str],
+              planned_ns: int, checked_ns: int) -> Newcomers:
+    """The containers other than this spawn's ``own`` made or started since the plan's read
+    began (``planned_ns``, the hub's clock), when the buffer proves it saw them all (pure).
+
+    The plan's read showed every container that was live then, and none of them on this
+    spawn's devices; a rival must therefore have become live since, which Docker logs as an
+    event. The buffer proves the window only when
+
+    - it returned fewer than ``EVENT_BUFFER`` events (dockerd keeps that many: with fewer,
+      none of the window was dropped), and no ``daemon`` event (a reload);
+    - it holds the ``racer``'s own ``expect`` event (``create`` before the start, ``start``
+      after it): the window reached the check's moment, and the engine did not restart and
+      empty the buffer since that event;
+    - it began no later than the plan's read on the engine's clock: the own event happened
+      before ``checked_ns``, so ``event - checked_ns`` is a lower bound of the engine's
+      clock minus the hub's, and ``since`` must not be later than ``planned_ns`` plus it.
+    """
+    if changes.events >= EVENT_BUFFER:
+        return Newcomers(False, f"{changes.events} events in the window: the engine's buffer "
+                                "may have dropped some")
+    if changes.daemon:
+        return Newcomers(False, "the engine reloaded its configuration in the window")
+    mine = [c.time_ns for c in changes.changes if c.container_id == racer and c.action == expect]
+    if not mine:
+        return Newcomers(False, f"this spawn's own {expect} event is not in the window")
+    skew = max(mine) - checked_ns
+    if changes.since_ns > planned_ns + skew:
+        return Newcomers(False, "the window began after the plan's read on the engine's clock",
+                         skew_ns=skew)
+    suspects = sorted({c.container_id for c in changes.changes
+                       if c.action in LIVE_ACTIONS and c.container_id not in own})
+    return Newcomers(True, suspects=tuple(suspects), skew_ns=skew)
 
 
 def with_starting(snap: Snapshot, starting: Mapping[str, Allocation]) -> Snapshot:
