@@ -57,7 +57,8 @@ PHASES = (
     "resolve_options", "_await_host", "pull_image", "_check_cuda", "load_policy",
     "snapshot", "take_snapshot", "read_inventory", "_spawn_request", "get_object",
     "_carry_out", "create_object", "remove_object", "_race", "_quiet", "_created",
-    "_start_container", "start_object", "post_start_exec", "get_ip_and_port", "_wait_for_device", "_back_off",
+    "_start_container", "start_object", "post_start_exec", "get_ip_and_port",
+    "_wait_for_device", "_back_off",
 )
 
 

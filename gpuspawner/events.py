@@ -74,6 +74,9 @@ CONTAINER_REMOVE = "container.remove"
 #: A container committed to an image before gpuspawner removed it (nothing the user made is
 #: lost: the next container of that server starts from the image).
 CONTAINER_SAVE = "container.save"
+#: A stopped server moved to another host (its host had no device for it): ``from``,
+#: ``to``, ``image``; or, with ``refused``, why it stays (a volume, its size, a failed copy).
+SERVER_MOVE = "server.move"
 CONTAINER_START = "container.start"
 CONTAINER_STOP = "container.stop"
 SERVER_STOP = "server.stop"

@@ -934,6 +934,32 @@ def saved_image(
     return next(t for t in newest["RepoTags"] if t.startswith(SAVED_REPOSITORY + "/"))
 
 
+def copy_image(
+    source: docker.DockerClient | docker.APIClient,
+    target: docker.DockerClient | docker.APIClient,
+    image: str,
+) -> str:
+    """Stream ``image`` (``repository:tag``) from one engine to another (``docker save`` into
+    ``docker load``, never on disk here) and return its id, checked equal on both: Docker's
+    image id is the digest of the image's configuration, so an equal id on the target is the
+    same image, layers and all. Raises LedgerError when the copy is not there whole."""
+    src = getattr(source, "api", source)
+    dst = getattr(target, "api", target)
+    wanted = src.inspect_image(image)["Id"]
+    for message in dst.load_image(src.get_image(image)) or ():
+        if isinstance(message, dict) and (message.get("error") or message.get("errorDetail")):
+            raise LedgerError(f"the copy of {image} was refused by {dst.base_url}: "
+                              f"{message.get('error') or message.get('errorDetail')}")
+    try:
+        got = dst.inspect_image(image)["Id"]
+    except docker.errors.NotFound:
+        got = None
+    if got != wanted:
+        raise LedgerError(f"the copy of {image} on {dst.base_url} is not the image it was "
+                          f"copied from ({got} instead of {wanted})")
+    return wanted
+
+
 def claim(client: docker.DockerClient | docker.APIClient, saved: str) -> None:
     """Untag a saved image once a new container was made from it: the container keeps the
     image (and so the user's files); the tag would otherwise hand the same old copy to a

@@ -14,9 +14,9 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import docker
 import docker.errors
@@ -72,6 +72,19 @@ _RETRYABLE_CALLS = {
     "inspect_container", "inspect_image", "containers", "start", "stop", "port",
     "remove_container", "wait",
 }
+
+
+@dataclass(frozen=True)
+class Move:
+    """A server on its way to another host (``GPUSpawner._bring_over``): the host it leaves,
+    the image it was saved to there, whether this spawn made that image (else an admin's
+    release did), its old container, and the host the image was copied to ("" before)."""
+
+    source: str
+    image: str
+    committed: bool
+    container: str = ""
+    target: str = ""
 
 
 class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
@@ -339,6 +352,127 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             raise docker_down(exc) from exc
         return next((host for host, image in zip(order, kept, strict=True) if image), None)
 
+    #: The host this server moves from (its host has no device for it: ``move_max_mib``),
+    #: and why, in the planner's words; None when it stays.
+    _move_from: str | None = None
+    _home_full: str = ""
+    #: The move under way: what was saved and copied where.
+    _moved: Move | None = None
+
+    async def _bring_over(self) -> None:
+        """Copy the server to the host it moves to, before anything is planned there: its
+        container on its old host saved to an image (or the saved image it already has
+        there), then the image streamed to this host's engine and checked equal. Nothing is
+        removed on the old host until the server runs here (``_finish_move``). Refuses, with
+        the reason in the operation log, for a server with a volume or a bind mount, an
+        image above ``move_max_mib``, or a copy that fails; the server stays whole where it
+        was."""
+        source, there = self._move_from, self.host_name
+        if source is None or there is None or source == there:
+            return
+        moved = self._moved
+        if moved is not None and moved.target == there:
+            return
+        if moved is not None and moved.target:  # taken meanwhile there: that copy goes
+            await self._drop_copy(moved)
+        self._progress(13, f"Moving your server from host {source} to host {there}: "
+                           "saving and copying its container")
+        if moved is None:
+            moved = await self._save_for_move(source, there)
+        try:
+            await self._run(ledger_mod.copy_image, self._client_of(source),
+                            self._client_of(there), moved.image)
+        except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+            self._refuse_move(source, there, f"copying it failed ({exc})")
+        self._moved = replace(moved, target=there)
+
+    async def _save_for_move(self, source: str, there: str) -> Move:
+        client = self._client_of(source)
+        try:
+            attrs = await self._run(client.inspect_container, self.object_name)
+        except docker.errors.NotFound:
+            attrs = None
+        user, server = self.user.name, self.name
+        if attrs is None:  # an admin released it: its saved image is what moves
+            image = await self._run(ledger_mod.saved_image, client, hub=self.hub_id,
+                                    user=user, server=server)
+            if image is None:
+                self._refuse_move(source, there, "it has nothing there to copy")
+            moved = Move(source, image, committed=False)
+        else:
+            kept = spawnplan.kept_on_host(attrs.get("Mounts"))
+            if kept:
+                self._refuse_move(source, there, f"its files in {kept[0]} stay on that host")
+            try:
+                image = await self._run(ledger_mod.save, client, attrs["Id"], hub=self.hub_id,
+                                        user=user, server=server,
+                                        reason=f"moved to host {there}")
+            except docker.errors.APIError as exc:
+                self._refuse_move(source, there, f"it could not be saved ({exc})")
+            moved = Move(source, image, committed=True, container=attrs["Id"])
+            self.event_log.write(events.CONTAINER_SAVE, user=user, server=server,
+                                 container=self.object_name, image=image,
+                                 reason=f"moved to host {there}", host=source)
+        self._moved = moved  # from here on, a failure takes back what was made
+        size = int((await self._run(client.inspect_image, image)).get("Size") or 0)
+        if size > self.move_max_mib * 2**20:
+            self._refuse_move(source, there, f"its image is {size / 2**20:,.0f} MiB, more "
+                                             f"than the {self.move_max_mib:,} MiB a move copies")
+        return moved
+
+    def _refuse_move(self, source: str, there: str, why: str) -> NoReturn:
+        self.event_log.write(events.SERVER_MOVE, user=self.user.name, server=self.name,
+                             **{"from": source, "to": there, "refused": why})
+        raise refuse(
+            f"Your server is on host {source}, where {self._home_full}, and it cannot move to "
+            f"host {there}: {why}. Your files are safe on host {source}; try again when a "
+            "device is free there, or ask an admin.", "move", 503)
+
+    async def _drop_copy(self, moved: Move) -> None:
+        """Untag the copy on the host it went to (the original stays on its old host)."""
+        try:
+            await self._run(ledger_mod.claim, self._client_of(moved.target), moved.image)
+        except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+            self.log.warning("The copy %s on host %s could not be removed: %s",
+                             moved.image, moved.target, exc)
+        self._moved = replace(moved, target="")
+
+    async def _undo_move(self) -> None:
+        """The spawn failed: the server stays whole on its old host. The copy goes, and so
+        does the image saved for the move (its container is still there)."""
+        moved, self._moved = self._moved, None
+        if moved is None:
+            return
+        if moved.target:
+            await self._drop_copy(moved)
+        if moved.committed:
+            try:
+                await self._run(ledger_mod.claim, self._client_of(moved.source), moved.image)
+            except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+                self.log.warning("The image %s saved on host %s for a move could not be "
+                                 "removed: %s", moved.image, moved.source, exc)
+
+    async def _finish_move(self) -> None:
+        """The server runs on its new host, from the copy: only now do its old container
+        and the image saved from it go from the old host. If that fails, they stay (the
+        server's state names its new host; the old container is an admin's to remove)."""
+        moved, self._moved = self._moved, None
+        if moved is None:
+            return
+        client = self._client_of(moved.source)
+        try:
+            if moved.container:
+                await self._run(client.remove_container, moved.container)
+                self._ledger_of(moved.source).forget(moved.container)
+            await self._run(ledger_mod.claim, client, moved.image)
+        except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+            self.log.warning("Server %s moved to host %s; its old container on host %s "
+                             "could not be removed: %s", self._log_name, self.host_name,
+                             moved.source, exc)
+        self.event_log.write(events.SERVER_MOVE, user=self.user.name, server=self.name,
+                             container=self.object_name, image=moved.image,
+                             **{"from": moved.source, "to": self.host_name})
+
     #: What this spawn adds to each host it fits on (``_on_the_way``).
     _amounts: dict[str, float] = {}  # noqa: RUF012 - replaced, never changed in place
 
@@ -357,6 +491,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         why on each host, or when the host it must use does not answer."""
         read_at = time.monotonic()
         self._amounts = {}
+        self._move_from = None
         views, down = await self._read_hosts()
         self._views = views
         home = await self._home(views, down)
@@ -366,6 +501,21 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                     f"Your server is on host {home}, which does not answer now "
                     f"({down[home]}); your files are safe there. Try again in a few minutes; "
                     "if it persists, tell an admin.", spawnplan.HOST_DOWN, 503)
+            if self.move_max_mib and len(views) > 1 and not self.remove:
+                # It moves only when its host has no device for it and another host has.
+                self.host_name = home
+                request = await self._spawn_request(profile, wanted)
+                result = spawnplan.plan(
+                    spawnplan.with_elsewhere(views[home], spawnplan.held_elsewhere(
+                        views, home, self.hub_id, self.user.name, self.name)),
+                    request, lambda _port: True, limits)
+                if isinstance(result, Refusal) and result.code == allocator.FULL:
+                    others = {name: snap for name, snap in views.items() if name != home}
+                    fits, _refusals = self._fitting(others, views, request, profile, limits,
+                                                    read_at)
+                    if fits:
+                        self._move_from, self._home_full = home, result.message
+                        return list(spawnplan.order_hosts(fits, self.allocation_strategy))
             return [home]
         if not views:
             raise refuse("No GPU host answers now (" + "; ".join(down.values()) + "). Try "
@@ -373,23 +523,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                          spawnplan.HOST_DOWN, 503)
         self.host_name = next(iter(views))
         request = await self._spawn_request(profile, wanted)
-        fits: list[tuple[str, float]] = []
-        refusals: dict[str, Refusal] = {}
-        pending: dict[str, float] = {}
-        for name, amount, made in self._on_the_way.values():
-            if made is None or made > read_at:  # not in that host's read
-                pending[name] = pending.get(name, 0.0) + amount
-        for name, snap in views.items():
-            mine = spawnplan.with_elsewhere(snap, spawnplan.held_elsewhere(
-                views, name, self.hub_id, self.user.name))
-            result = spawnplan.plan(mine, replace(request, host=name, saved_image=None),
-                                    lambda _port: True, limits)
-            if isinstance(result, Refusal):
-                refusals[name] = result
-            else:
-                fits.append((name, spawnplan.host_load(snap, profile.wants_gpu,
-                                                       pending.get(name, 0.0))))
-                self._amounts[name] = result.choice.equivalents if profile.wants_gpu else 1.0
+        fits, refusals = self._fitting(views, views, request, profile, limits, read_at)
         if fits:
             return list(spawnplan.order_hosts(fits, self.allocation_strategy))
         first = next(iter(refusals.values()))
@@ -404,6 +538,33 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self.event_log.write(events.GPU_REFUSE, user=self.user.name, server=self.name,
                              code=first.code, reason=message, holders=[])
         raise refused(Refusal(first.code, message))
+
+    def _fitting(
+        self, hosts: Mapping[str, Snapshot], views: Mapping[str, Snapshot],
+        request: spawnplan.SpawnRequest, profile: Profile, limits: Any, read_at: float,
+    ) -> tuple[list[tuple[str, float]], dict[str, Refusal]]:
+        """A new container of this server planned on each of ``hosts`` (a dry run): the
+        hosts it fits on with their load (``spawnplan.host_load``, this hub's spawns on
+        their way counted), and each other host's refusal."""
+        fits: list[tuple[str, float]] = []
+        refusals: dict[str, Refusal] = {}
+        pending: dict[str, float] = {}
+        for name, amount, made in self._on_the_way.values():
+            if made is None or made > read_at:  # not in that host's read
+                pending[name] = pending.get(name, 0.0) + amount
+        for name, snap in hosts.items():
+            mine = spawnplan.with_elsewhere(snap, spawnplan.held_elsewhere(
+                views, name, self.hub_id, self.user.name, self.name))
+            result = spawnplan.plan(
+                mine, replace(request, host=name, saved_image=None, existing=None),
+                lambda _port: True, limits)
+            if isinstance(result, Refusal):
+                refusals[name] = result
+            else:
+                fits.append((name, spawnplan.host_load(snap, profile.wants_gpu,
+                                                       pending.get(name, 0.0))))
+                self._amounts[name] = result.choice.equivalents if profile.wants_gpu else 1.0
+        return fits, refusals
 
     def load_policy(self) -> Policy:
         """The policy, re-read when the file changes. Raises a SpawnException on errors."""
@@ -819,9 +980,34 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         await self.pull_image(self.image)
         image = self.image
         await self._check_cuda(profile, image)
-        quota = limits.max_gpu_equivalents
-        self._progress(15, "Policy checked: " + (
-            "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
+        try:
+            await self._bring_over()
+            quota = limits.max_gpu_equivalents
+            self._progress(15, "Policy checked: " + (
+                "no GPU quota" if quota is None else f"up to {quota:g} GPU-equivalents"))
+            await self._start_on_host(profile, image, limits, wanted_ports, candidates)
+        except BaseException:
+            await asyncio.shield(self._undo_move())
+            raise
+        if self._moved is not None:
+            await self._finish_move()
+        self.ledger.forget(self.object_id)
+        self.event_log.write(events.CONTAINER_START, user=self.user.name, server=self.name,
+                             container=self.object_name, reused=self._plan.action == "reuse")
+        if self.post_start_cmd:
+            await self.post_start_exec()
+        ip, port = await self.get_ip_and_port()
+        age = self.ledger.view_age()
+        if age is None or age > self.REFRESH_AFTER:
+            self.executor.submit(self._refresh_view)  # not waited for: the next spawn's
+        self._progress(90, "Server started; waiting for Jupyter to answer")
+        return ip, port
+
+    async def _start_on_host(self, profile: Profile, image: str, limits: Any,
+                             wanted_ports: dict[str, int], candidates: list[str]) -> None:
+        """Plan, create, check and start under the rule, on the chosen host (the next
+        candidate when a device is taken there meanwhile), until this server runs on a
+        device of its own."""
         waited = False
         try:
             for _attempt in range(8):
@@ -837,7 +1023,8 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                         await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),
                         self._starting)
                     snap = spawnplan.with_elsewhere(snap, spawnplan.held_elsewhere(
-                        self._views, self.host_name or "", self.hub_id, self.user.name))
+                        self._views, self.host_name or "", self.hub_id, self.user.name,
+                        self.name))
                     request = await self._spawn_request(profile, wanted_ports)
                     result = spawnplan.plan(snap, request, self._port_free, limits)
                     full = isinstance(result, Refusal) and result.code == allocator.FULL
@@ -856,6 +1043,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                     self._progress(12, f"Host {self.host_name}")
                     await self.pull_image(self.image)
                     await self._check_cuda(profile, image)
+                    await self._bring_over()
                     continue
                 if self._plan is None:  # full: wait outside the lock, then plan again
                     waited = True
@@ -886,17 +1074,6 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             # Started from a saved copy: only now is the copy not needed any more (a spawn
             # that fails before this point leaves it for the next start).
             await self._run(ledger_mod.claim, self.client, self.image)
-        self.ledger.forget(self.object_id)
-        self.event_log.write(events.CONTAINER_START, user=self.user.name, server=self.name,
-                             container=self.object_name, reused=self._plan.action == "reuse")
-        if self.post_start_cmd:
-            await self.post_start_exec()
-        ip, port = await self.get_ip_and_port()
-        age = self.ledger.view_age()
-        if age is None or age > self.REFRESH_AFTER:
-            self.executor.submit(self._refresh_view)  # not waited for: the next spawn's
-        self._progress(90, "Server started; waiting for Jupyter to answer")
-        return ip, port
 
     def _refresh_view(self) -> None:
         try:

@@ -583,6 +583,20 @@ def newcomers(changes: Changes, racer: str, expect: str, own: frozenset[str],
     return Newcomers(True, suspects=tuple(suspects), skew_ns=skew)
 
 
+def kept_on_host(mounts: Sequence[Mapping[str, Any]] | None) -> tuple[str, ...]:
+    """What keeps a server's files on its host (pure, from Docker's ``Mounts``): each volume
+    (by name) and bind mount (by host path). A saved image carries only what is in the
+    container itself, so a server with any of these is never moved to another host."""
+    found = []
+    for mount in mounts or ():
+        kind = mount.get("Type")
+        if kind == "volume":
+            found.append(f"volume {mount.get('Name') or mount.get('Source')}")
+        elif kind == "bind":
+            found.append(f"bind mount {mount.get('Source')}")
+    return tuple(found)
+
+
 def with_starting(snap: Snapshot, starting: Mapping[str, Allocation]) -> Snapshot:
     """The snapshot as this hub's planner must see it while its own spawns start stopped
     containers again (``starting``: container id -> its allocation when planned): such a
@@ -613,11 +627,14 @@ def with_elsewhere(snap: Snapshot, elsewhere: Sequence[Allocation]) -> Snapshot:
 
 
 def held_elsewhere(views: Mapping[str, Snapshot], host: str, hub: str | None,
-                   user: str) -> tuple[Allocation, ...]:
+                   user: str, server: str | None = None) -> tuple[Allocation, ...]:
     """The containers of ``user`` on this hub that hold something on hosts other than
-    ``host``: what ``with_elsewhere`` adds to ``host``'s snapshot."""
+    ``host``: what ``with_elsewhere`` adds to ``host``'s snapshot. The planning server's
+    own container elsewhere (``server``) is not counted: it is the one that moves to
+    ``host``, removed once the server runs there."""
     return tuple(a for name, snap in views.items() if name != host
-                 for a in snap.allocations if a.holds and a.is_ours(hub) and a.user == user)
+                 for a in snap.allocations if a.holds and a.is_ours(hub) and a.user == user
+                 and (server is None or a.server != server))
 
 
 def host_load(snap: Snapshot, wants_gpu: bool, pending: float = 0.0) -> float:

@@ -194,8 +194,29 @@ class GPUSpawnerTraits(Configurable):
         hub's own engine reads its GPUs through NVML; every other through a short-lived
         probe container on its engine. A server on another host is published on that
         host's ``address`` (required for it) and reached there. Each container is labelled
-        ``ds01.host=<name>``, and a server stays on its host.""",
+        ``ds01.host=<name>``, and a server stays on its host while its host has a device
+        for it (``move_max_mib``).""",
     )
+
+    move_max_mib = Int(
+        4096,
+        config=True,
+        help="""On a hub of several hosts: a stopped server whose host has no device for its
+        profile now, while another host has, is moved there: its container is saved to an
+        image, the image is copied to the other host's engine and checked there, the server
+        starts from it, and only then are the container and the image on the old host
+        removed. Only a server whose files are all in its container moves (a volume or a
+        bind mount stays on its host: the user is told, and the operation log says why) and
+        only when the saved image is at most this many MiB (the copy is part of the start:
+        raise ``start_timeout`` with it). 0: servers never move; they wait for their host,
+        as on one host.""",
+    )
+
+    @validate("move_max_mib")
+    def _valid_move_max_mib(self, proposal: dict) -> int:
+        if proposal["value"] < 0:
+            raise TraitError("GPUSpawner.move_max_mib: must be 0 (never move) or more")
+        return proposal["value"]
 
     @validate("hosts")
     def _valid_hosts(self, proposal: dict) -> dict:

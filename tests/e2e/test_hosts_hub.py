@@ -8,8 +8,11 @@ names, is published on that host's address and answers through the hub's proxy; 
 each engine holds for a container is never held by another, on any host; twenty servers
 started at once spread as ``spread`` says; a host whose engine stops is told to the user of a
 server there, while new servers go to the others and the servers elsewhere keep answering;
-when it is back, its server starts there again. A MIG re-creation on the far host is found
-through its probe, and the server's files come along to its new slice.
+when it is back, its server starts there again. The same for a GPU host: while its engine is
+gone new GPU servers go to the other, and when it is back each of its servers starts again in
+its own container on its own slice. A MIG re-creation on the far host is found through its
+probe, and the server's files come along to its new slice; a server whose host has no device
+for it moves to another host with its files, unless a volume keeps it there.
 """
 
 from __future__ import annotations
@@ -210,6 +213,26 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
     assert host == "cpu3" and again.id == first.id  # its own container, started again
     assert published(again) == ADDRESS["cpu3"] and answers(hub, "cpu-a")
 
+    # A GPU host's engine goes away, and its servers with it (no live-restore).
+    on_far = {user: where(user, engines)[1] for user in users
+              if where(user, engines)[0] == "gpu2"}
+    far_engine.stop()
+    hub.spawn("late", "mig-1g")  # a new GPU server goes where an engine answers
+    host_late, _ = where("late", {"gpu1": engine})
+    assert host_late == "gpu1"
+    assert all(answers(hub, user) for user in users if user not in on_far)
+    far_engine.start()
+    for user, container in on_far.items():
+        hub.stop_server(user)  # the Hub learns what Docker says: it exited with its engine
+        hub.spawn(user, "mig-1g")
+        host, again = where(user, engines)
+        # Back on its own host, in its own container, on its own slice, which is still there.
+        assert host == "gpu2" and again.id == container.id, (user, host)
+        assert again.labels["ds01.gpu.uuids"] == container.labels["ds01.gpu.uuids"]
+        assert answers(hub, user), user
+    devices = held(engines)
+    assert len(devices) == 13 and len({d for _, d in devices}) == 13, devices
+
 
 def test_pack_fills_the_busiest_host_first(
     make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
@@ -402,3 +425,106 @@ def test_a_server_whose_host_is_full_is_refused_at_once_naming_its_host(
     assert time.monotonic() - began < 30
     kept = far_engine.client.containers.get("jupyter-ann")
     assert kept.id == first.id and kept.status == "exited"
+
+
+def saved_images(*engines: PrivateEngine) -> list[str]:
+    """Every ``gpuspawner-saved/`` tag on these engines."""
+    return [tag for e in engines for image in e.client.images.list() for tag in image.tags
+            if tag.startswith("gpuspawner-saved/")]
+
+
+def moving_hub(make_hub: MakeHub, engine: PrivateEngine, far_engine: PrivateEngine,
+               tmp_path: Path, extra: str = "") -> RunningHub:
+    """gpu2 (the far host) and gpu1 (the hub's own engine), ``pack``: on a tie the first,
+    gpu2. No hold after a stop, so a stopped server's slice can go to someone else."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("defaults: {gpu_hold_after_stop: 0}\n")
+    both = hosts_config(engine, far_engine, None)
+    hosts = {"gpu2": both["gpu2"], "gpu1": both["gpu1"]}
+    return make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n"
+                                 f"c.GPUSpawner.policy_file = {str(policy)!r}\n"
+                                 "c.GPUSpawner.allocation_strategy = 'pack'\n" + extra)
+
+
+def test_a_server_whose_host_has_no_device_for_it_moves_to_another_with_its_files(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    """ann's stopped server is on gpu2; gpu2's only 3g.40gb slice went to bo, and gpu1 has
+    one free. ann's restart moves her server: saved on gpu2, copied over TLS to gpu1's
+    engine and checked, started there from the copy; only then do her old container and its
+    image go from gpu2. The file she wrote is in her new container on gpu1, whose device the
+    NVIDIA hook handed over is a gpu1 slice; bo's server on gpu2 is untouched."""
+    hub = moving_hub(make_hub, engine, far_engine, tmp_path)
+    hub.spawn("ann", "mig-3g")
+    first = far_engine.client.containers.get("jupyter-ann")
+    assert first.labels["ds01.host"] == "gpu2"
+    assert run_in(far_engine, first.id, "echo mine > /home/jovyan/notes.txt && echo ok") == "ok"
+    hub.stop_server("ann")
+    hub.spawn("bo", "mig-3g")
+    bo = far_engine.client.containers.get("jupyter-bo")
+    assert bo.labels["ds01.gpu.uuids"] == first.labels["ds01.gpu.uuids"]
+
+    hub.spawn("ann", "mig-3g", timeout=240)
+    now = engine.client.containers.get("jupyter-ann")
+    assert now.labels["ds01.host"] == "gpu1" and now.status == "running"
+    slices = {m["uuid"] for g in gpusim.state()["gpus"] for m in g.get("mig_devices", [])
+              if m["profile"] == "3g.40gb"}
+    devices = [d for r in now.attrs["HostConfig"]["DeviceRequests"] for d in r["DeviceIDs"]]
+    assert len(devices) == 1 and devices[0] in slices, devices
+    handed = [c["devices"] for c in gpusim.hook_calls() if c["id"] == now.id]
+    assert handed and handed[-1] == devices
+    assert published(now) == ADDRESS["gpu1"]
+    assert run_in(engine, now.id, "cat /home/jovyan/notes.txt") == "mine"
+    assert answers(hub, "ann")
+    assert any("Moving your server from host gpu2 to host gpu1" in m
+               for m in hub.last_progress), hub.last_progress
+    # Gone from gpu2 only once it ran on gpu1; no saved copy is left on either host.
+    assert [c.name for c in far_engine.client.containers.list(all=True)] == ["jupyter-bo"]
+    assert saved_images(engine, far_engine) == []
+    bo.reload()
+    assert bo.status == "running" and answers(hub, "bo")
+    engines = {"gpu1": engine, "gpu2": far_engine}
+    assert len(held(engines)) == len(set(held(engines))) == 2
+    [move] = [e for e in hub.events() if e["event"] == "server.move"]
+    assert (move["user"], move["from"], move["to"]) == ("ann", "gpu2", "gpu1")
+    assert "refused" not in move
+
+
+def test_a_server_with_a_volume_stays_on_its_host_and_the_user_is_told_why(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    """The same, with the lab's home volumes: a volume lives on its host, so ann's server
+    cannot move with it. Her restart is refused at once with a sentence that names both
+    hosts and the volume; nothing was saved, copied or removed, and the operation log says
+    why (an admin reads it there)."""
+    volume = "gpuspawner-e2e-home-ann"
+    hub = moving_hub(make_hub, engine, far_engine, tmp_path, extra=(
+        "c.DockerSpawner.volumes = {'gpuspawner-e2e-home-{username}': '/home/jovyan/work'}\n"))
+    try:
+        hub.spawn("ann", "mig-3g")
+        first = far_engine.client.containers.get("jupyter-ann")
+        hub.stop_server("ann")
+        hub.spawn("bo", "mig-3g")
+        began = time.monotonic()
+        response = hub.spawn("ann", "mig-3g")
+        assert response.status_code == 503, response.text
+        assert time.monotonic() - began < 30
+        text = response.json()["message"]
+        assert ("Your server is on host gpu2, where all 1 3g.40gb slices are in use" in text
+                and f"cannot move to host gpu1: its files in volume {volume} stay on that host"
+                in text), text
+        kept = far_engine.client.containers.get("jupyter-ann")
+        assert kept.id == first.id and kept.status == "exited"
+        assert engine.client.containers.list(all=True, filters={"name": "jupyter-ann"}) == []
+        assert saved_images(engine, far_engine) == []
+        [move] = [e for e in hub.events() if e["event"] == "server.move"]
+        assert (move["from"], move["to"]) == ("gpu2", "gpu1")
+        assert volume in move["refused"]
+    finally:
+        hub.stop_server("bo")
+        far_engine.remove_containers()
+        for e in (engine, far_engine):
+            for v in e.client.volumes.list(filters={"name": "gpuspawner-e2e-home-"}):
+                v.remove(force=True)

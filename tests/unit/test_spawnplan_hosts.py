@@ -73,6 +73,32 @@ def test_only_the_users_holding_containers_of_this_hub_elsewhere_are_counted():
     assert counted == {"m", "s"}
 
 
+def test_a_server_moving_here_is_not_charged_for_its_own_old_container():
+    """The server that moves leaves its old container behind until it runs here: that one
+    is not charged (it is about to go); the user's other servers are."""
+    old = container("old", server="", devices=[FAR.migs[0]], inventory=FAR)[0]
+    other = container("other", server="s1", devices=[FAR.migs[1]], inventory=FAR)[0]
+    views = {"gpu1": snap(), "gpu2": snap(old, other, inventory=FAR)}
+    counted = spawnplan.held_elsewhere(views, "gpu1", "lab", "ann", server="")
+    assert {a.container_id for a in counted} == {"other"}
+    assert {a.container_id for a in spawnplan.held_elsewhere(views, "gpu1", "lab", "ann")} == {
+        "old", "other"}
+
+
+def test_what_keeps_a_server_on_its_host():
+    """Docker's Mounts: a volume (named or anonymous) and a bind mount stay on their host;
+    a tmpfs holds nothing worth keeping and nothing else is a mount."""
+    mounts = [
+        {"Type": "tmpfs", "Destination": "/tmp"},
+        {"Type": "volume", "Name": "home-ann", "Source": "/var/lib/docker/volumes/home-ann/_data",
+         "Destination": "/home/jovyan/work"},
+        {"Type": "bind", "Source": "/srv/data", "Destination": "/data"},
+    ]
+    assert spawnplan.kept_on_host(mounts) == ("volume home-ann", "bind mount /srv/data")
+    assert spawnplan.kept_on_host([mounts[0]]) == ()
+    assert spawnplan.kept_on_host(None) == ()
+
+
 def test_how_busy_a_host_is():
     # INV: GPU 0 in seven 1g slices, GPU 1 whole. Two slices held: 2/7 of one GPU of two.
     two = [container(f"c{i}", server=f"s{i}", devices=[SLICE[i]])[0] for i in range(2)]
