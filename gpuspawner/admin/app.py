@@ -304,16 +304,47 @@ class Admin:
         GPU activity), and on a hub of several hosts every host's, each card with its host."""
         if not self.settings.hosts:
             return views.overview(await self.snapshot(), self.settings.hub_id)
-        found, rows = await self.run(self._read_all_hosts)
-        if not found:  # the setting itself is wrong: say so, show the own engine
+        parts, problems = await self.host_parts()
+        if not parts:  # the setting itself is wrong: say so, show the own engine
             snap = await self.snapshot()
-            return replace(views.overview(snap, self.settings.hub_id),
-                           problems=tuple(row["down"] for row in rows))
+            return replace(views.overview(snap, self.settings.hub_id), problems=problems)
+        return views.across_hosts(parts, self.settings.hub_id, acts_on=await self.run(
+            self.own_host))
+
+    async def host_parts(
+        self,
+    ) -> tuple[list[tuple[str, Snapshot | None, str]], tuple[str, ...]]:
+        """Every host of the hub as (name, snapshot or None, why it is down), the hub's own
+        engine's from the snapshot that keeps GPU activity; and, when the ``hosts`` setting
+        itself cannot be read, no host and why. One read of all hosts serves every page for
+        ``HOSTS_MAX_AGE``."""
+        found, rows = await self.run(self._read_all_hosts)
+        if not found:
+            return [], tuple(row["down"] for row in rows)
         own = await self.run(self.own_host)
         snap = await self.snapshot() if own is not None else None
-        parts = [(view.name, snap if view.name == own else view.snapshot, view.down)
-                 for view in found]
-        return views.across_hosts(parts, self.settings.hub_id, acts_on=own)
+        return [(view.name, snap if view.name == own else view.snapshot, view.down)
+                for view in found], ()
+
+    async def allocation_rows(self) -> list[dict[str, Any]]:
+        """The allocations page's rows: the own engine's, or every host's, each naming it."""
+        users = await self.hub_users()
+        if self.settings.hosts:
+            parts, _problems = await self.host_parts()
+            if parts:
+                return views.allocation_rows_across([(n, s) for n, s, _ in parts], users,
+                                                    self.settings.hub_id)
+        return views.allocation_rows(await self.snapshot(), users, self.settings.hub_id)
+
+    async def user_rows(self) -> list[dict[str, Any]]:
+        """The users page's rows: over the own engine, or over every host."""
+        users = await self.hub_users()
+        if self.settings.hosts:
+            parts, _problems = await self.host_parts()
+            if parts:
+                return views.user_rows_across([(n, s) for n, s, _ in parts], users,
+                                              self.settings.idle_after)
+        return views.user_rows(await self.snapshot(), users, self.settings.idle_after)
 
     def _readers(self) -> list[hosts.HostReader]:
         if self._host_readers is None:
@@ -455,6 +486,7 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             refresh=self.conf.refresh,
             service=self.conf.name,
             message=self.get_argument("message", "")[:500],
+            hosts=bool(self.conf.hosts),
         )
 
     def write_json(self, data: Any, status: int = 200) -> None:
@@ -500,15 +532,13 @@ class OverviewPage(BaseHandler):
 
 class AllocationsPage(BaseHandler):
     async def get(self) -> None:
-        snap = await self.admin.snapshot()
-        rows = views.allocation_rows(snap, await self.admin.hub_users(), self.conf.hub_id)
+        rows = await self.admin.allocation_rows()
         self.finish(self.admin.renderer.allocations(self.page(), rows))
 
 
 class UsersPage(BaseHandler):
     async def get(self) -> None:
-        snap = await self.admin.snapshot()
-        rows = views.user_rows(snap, await self.admin.hub_users(), self.conf.idle_after)
+        rows = await self.admin.user_rows()
         self.finish(self.admin.renderer.users(self.page(), rows, self.conf.idle_after))
 
 
@@ -551,16 +581,12 @@ class OverviewApi(ApiHandler):
 
 class AllocationsApi(ApiHandler):
     async def get(self) -> None:
-        snap = await self.admin.snapshot()
-        users = await self.admin.hub_users()
-        self.write_json(views.allocation_rows(snap, users, self.conf.hub_id))
+        self.write_json(await self.admin.allocation_rows())
 
 
 class UsersApi(ApiHandler):
     async def get(self) -> None:
-        snap = await self.admin.snapshot()
-        users = await self.admin.hub_users()
-        self.write_json(views.user_rows(snap, users, self.conf.idle_after))
+        self.write_json(await self.admin.user_rows())
 
 
 class AvailableApi(ApiHandler):

@@ -65,6 +65,8 @@ class Page:
     refresh: float = 5.0
     service: str = "gpu-allocations"
     message: str = ""
+    #: The hub has several hosts: tables name each container's host.
+    hosts: bool = False
 
 
 class Renderer:

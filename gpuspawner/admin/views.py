@@ -462,9 +462,11 @@ def allocation_rows(
     snap: Snapshot,
     hub_users: Mapping[str, HubUser] | None = None,
     hub_id: str | None = None,
+    host: str | None = None,
 ) -> list[dict[str, Any]]:
     """``Allocation.to_json()`` of every container (the CLI's records), plus what the page adds:
-    ``hold_until``, ``last_activity`` (from the Hub) and the actions allowed on it."""
+    ``hold_until``, ``last_activity`` (from the Hub) and the actions allowed on it; on a hub
+    of several hosts, the ``host`` it is on (the release form sends it)."""
     users = hub_users or {}
     rows = []
     for a in snap.allocations:
@@ -474,8 +476,21 @@ def allocation_rows(
         row["last_activity"] = _iso(hub_user.activity(a.server)) if hub_user else None
         row["can_release"] = can_release(a, hub_id)
         row["can_stop"] = can_stop(a, hub_id)
+        if host is not None:
+            row["host"] = host
         rows.append(row)
     return rows
+
+
+def allocation_rows_across(
+    parts: Sequence[tuple[str, Snapshot | None]],
+    hub_users: Mapping[str, HubUser] | None = None,
+    hub_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """``allocation_rows`` of every host that answers (``parts``: host, snapshot or None),
+    each row naming its host."""
+    return [row for host, snap in parts if snap is not None
+            for row in allocation_rows(snap, hub_users, hub_id, host=host)]
 
 
 def user_rows(
@@ -490,20 +505,39 @@ def user_rows(
     server while it runs, else of the user) is older than ``idle_after``; a held (stopped)
     server counts from when it stopped if the Hub knows nothing newer.
     """
-    now = now or snap.taken_at or datetime.now(timezone.utc)
+    return user_rows_across([(None, snap)], hub_users, idle_after, now)
+
+
+def user_rows_across(
+    parts: Sequence[tuple[str | None, Snapshot | None]],
+    hub_users: Mapping[str, HubUser] | None = None,
+    idle_after: float = 3600.0,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """``user_rows`` over every host that answers: a user's GPU-equivalents are summed over
+    the hosts (the policy's limits count across hosts), idleness is judged on all their
+    holding servers, and each server names its host (``parts``: host or None on a one-host
+    hub, snapshot or None for a host that does not answer)."""
+    snaps = [(host, snap) for host, snap in parts if snap is not None]
+    if not snaps:
+        return []
+    first = snaps[0][1]
+    now = now or first.taken_at or datetime.now(timezone.utc)
     users = hub_users or {}
-    mine: dict[str, list[Allocation]] = defaultdict(list)
-    for a in snap.allocations:
-        if a.managed and a.user:
-            mine[a.user].append(a)
+    mine: dict[str, list[tuple[str | None, Allocation]]] = defaultdict(list)
+    for host, snap in snaps:
+        for a in snap.allocations:
+            if a.managed and a.user:
+                mine[a.user].append((host, a))
     rows = []
     for name in sorted(mine):
         allocations = mine[name]
         hub_user = users.get(name)
-        policy = snap.policy.for_user(name, hub_user.groups if hub_user else ())
+        policy = first.policy.for_user(name, hub_user.groups if hub_user else ())
         limit = policy.limits.max_gpu_equivalents
-        used = snap.usage(name)
-        holding = [a for a in allocations if a.holds and (a.uuids or a.slots or a.gpu_count)]
+        used = sum(snap.usage(name) for _host, snap in snaps)
+        holding = [a for _host, a in allocations
+                   if a.holds and (a.uuids or a.slots or a.gpu_count)]
         seen: list[datetime] = []
         for a in holding:
             when = hub_user.activity(a.server) if hub_user else None
@@ -528,8 +562,9 @@ def user_rows(
             "servers": [
                 {"server": a.server, "state": a.state, "profile": a.profile,
                  "slots": list(a.slots), "equivalents": a.equivalents,
-                 "container_id": a.container_id, "container": a.container_name}
-                for a in allocations
+                 "container_id": a.container_id, "container": a.container_name,
+                 **({} if host is None else {"host": host})}
+                for host, a in allocations
             ],
         })
     return rows

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import docker
 import pytest
 import requests
 
@@ -33,7 +34,7 @@ from ..gpusim import Simulator
 from ..hub import HubError, RunningHub, free_port
 from ..images import ensure_singleuser_image
 from .conftest import MakeHub
-from .test_admin import Tokens, admin_config, with_token
+from .test_admin import Tokens, admin_config, url, with_token
 from .test_admin_browser import browser, open_as_admin  # noqa: F401 - the fixture
 from .test_promises import run_in
 from .test_spawn import STREAM
@@ -351,6 +352,29 @@ def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
     red = tab.eval_on_selector('li.host-down[data-host="cpu3"]',
                                "node => getComputedStyle(node).backgroundColor")
     assert red == "rgb(248, 215, 218)", red
+
+    # The allocations and users pages read every host that answers: a container run by hand
+    # on gpu2 shows beside ann's on gpu1, each row naming its host.
+    mig = far.state()["gpus"][0]["mig_devices"][0]["uuid"]
+    far_engine.client.containers.run(
+        ensure_singleuser_image(far_engine.client), ["sleep", "300"], name="by-hand",
+        detach=True, device_requests=[docker.types.DeviceRequest(
+            driver="nvidia", device_ids=[mig], capabilities=[["gpu"]])])
+    time.sleep(2.5)
+    listed = {(r["host"], r["container_name"], r["managed"])
+              for r in read("api/allocations").json()}
+    assert {("gpu1", "jupyter-ann", True), ("gpu2", "by-hand", False)} <= listed, listed
+    [ann] = [u for u in read("api/users").json() if u["user"] == "ann"]
+    assert [s["host"] for s in ann["servers"]] == ["gpu1"] and ann["equivalents"] > 0
+    table = read("allocations").text
+    assert '<th data-key="host">Host</th>' in table and '<td class="host">gpu2</td>' in table
+    tab.goto(url(hub, "allocations"))
+    tab.wait_for_selector("td.host")
+    before = tab.evaluate("document.body.dataset.refreshed || ''")
+    tab.wait_for_function(f"(document.body.dataset.refreshed || '') !== {before!r}",
+                          timeout=30000)
+    hosts_shown = tab.eval_on_selector_all("td.host", "cells => cells.map(c => c.textContent)")
+    assert {"gpu1", "gpu2"} <= set(hosts_shown), hosts_shown
     cpu.start()
 
 

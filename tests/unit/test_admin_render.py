@@ -506,3 +506,38 @@ def test_the_service_hands_the_hubs_hosts_on_as_json_and_reads_them_back():
     assert [(h.name, h.url, h.address) for h in found] == [
         ("gpu1", "unix:///var/run/docker.sock", None), ("gpu2", "ssh://hub@gpu2", "10.0.0.2")]
     assert "GPUSPAWNER_HOSTS" not in admin.service(Config())["environment"]
+
+
+def test_allocations_and_users_of_several_hosts_name_each_host_and_sum_a_users_share(snap):
+    """Two hosts, the same snapshot read on both (names and devices are per host): every
+    container is a row naming its host, the release form sends that host, and a user's
+    GPU-equivalents are the sum over the hosts, each server naming its host."""
+    evil = '<b onmouseover="x()">gpu9</b>'
+    parts = [("gpu1", snap), (evil, snap), ("gpu3", None)]  # gpu3 does not answer
+    rows = views.allocation_rows_across(parts, {}, "lab")
+    assert len(rows) == 2 * len(snap.allocations)
+    assert [r["host"] for r in rows] == ["gpu1"] * len(snap.allocations) + [evil] * len(
+        snap.allocations)
+    one = views.allocation_rows(snap, {}, "lab")
+    assert all("host" not in r for r in one)
+    assert [{k: v for k, v in r.items() if k != "host"} for r in rows[:len(one)]] == one
+    several = replace(page(), hosts=True)
+    text = Renderer().allocations(several, rows)
+    assert '<th data-key="host">Host</th>' in text
+    assert text.count('<td class="host">gpu1</td>') == len(snap.allocations)
+    assert evil not in text and "&lt;b onmouseover=&#34;x()&#34;&gt;gpu9&lt;/b&gt;" in text
+    releasable = sum(1 for r in rows[:len(one)] if r["can_release"])
+    assert text.count('<input type="hidden" name="host" value="gpu1">') == releasable
+    assert "<th data-key=\"host\">" not in Renderer().allocations(page(), one)
+
+    alone = {r["user"]: r for r in views.user_rows(snap, {}, 3600, now=NOW)}
+    both = {r["user"]: r for r in views.user_rows_across(parts, {}, 3600, now=NOW)}
+    assert set(both) == set(alone)
+    for user, row in both.items():
+        assert row["equivalents"] == pytest.approx(2 * alone[user]["equivalents"])
+        assert row["holding"] == 2 * alone[user]["holding"]
+        assert [s["host"] for s in row["servers"]] == (
+            ["gpu1"] * len(alone[user]["servers"]) + [evil] * len(alone[user]["servers"]))
+    users = Renderer().users(several, list(both.values()), 3600)
+    assert " on gpu1</span>" in users and evil not in users
+    assert views.user_rows_across([("gpu3", None)], {}, 3600) == []

@@ -10,6 +10,7 @@
   const canAct = body.dataset.canAct === "true";
   const refresh = Math.max(1, parseFloat(body.dataset.refresh || "5")) * 1000;
   const pageName = body.dataset.page;
+  const severalHosts = body.dataset.hosts === "true";
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -231,6 +232,7 @@
     return el("tr", { "data-container": r.container_id, "data-state": r.state },
       who,
       el("td", { text: r.server || "" }),
+      severalHosts ? el("td", { cls: "host", text: r.host || "" }) : null,
       el("td", { text: r.profile || "" }),
       el("td", { title: (r.uuids || []).join(" "), text: devices }),
       state,
@@ -249,7 +251,8 @@
     const servers = el("td");
     for (const s of r.servers) {
       servers.append(badge(s.state,
-        `${s.server || "(default)"} ${s.profile || ""} ${(s.slots || []).join(",")}`,
+        `${s.server || "(default)"} ${s.profile || ""} ${(s.slots || []).join(",")}` +
+          (s.host ? ` on ${s.host}` : ""),
         s.container), " ");
     }
     const idle = el("td");
