@@ -28,7 +28,9 @@ from typing import Any
 import docker
 import pytest
 import requests
+import yaml
 
+from .. import gpusim as gpusim_package
 from ..engine import EnginePaths, PrivateEngine
 from ..gpusim import Simulator
 from ..hub import HubError, RunningHub, free_port
@@ -113,13 +115,14 @@ def held(engines: dict[str, PrivateEngine]) -> list[tuple[str, str]]:
             for device in r.get("DeviceIDs") or []]
 
 
-def oracle(spawns: int, strategy: str) -> dict[str, int]:
+def oracle(spawns: int, strategy: str, slices: tuple[int, int] = (9, 4)) -> dict[str, int]:
     """Where ``spawns`` 1g.10gb servers go, one after another, by the documented rule: among
     the hosts with a free slice, ``spread`` takes the one whose GPUs are least held
     (GPU-equivalents over its GPUs; a 1g.10gb slice is 1/7), ``pack`` the most held; the
-    first of the hub's hosts on a tie. a100x4: four GPUs, nine 1g.10gb slices; h100x2: two
-    GPUs, four."""
-    gpus, free, count = {"gpu1": 4, "gpu2": 2}, {"gpu1": 9, "gpu2": 4}, {"gpu1": 0, "gpu2": 0}
+    first of the hub's hosts on a tie. gpu1 has four GPUs, gpu2 two; ``slices``: their
+    1g.10gb slices (a100x4 has nine, h100x2 four)."""
+    gpus, count = {"gpu1": 4, "gpu2": 2}, {"gpu1": 0, "gpu2": 0}
+    free = {"gpu1": slices[0], "gpu2": slices[1]}
     sign = 1 if strategy == "spread" else -1
     for _ in range(spawns):
         fits = [h for h in ("gpu1", "gpu2") if free[h]]
@@ -127,6 +130,21 @@ def oracle(spawns: int, strategy: str) -> dict[str, int]:
         count[host] += 1
         free[host] -= 1
     return count
+
+
+def with_whole_gpu_sliced(name: str, index: int, uuid_stem: str) -> dict[str, Any]:
+    """Topology ``name`` with its GPU ``index`` (whole, MIG off) cut into seven 1g.10gb
+    slices: room for twenty servers at once on two hosts."""
+    topology = yaml.safe_load((Path(gpusim_package.__file__).parent / "topologies"
+                               / f"{name}.yaml").read_text())
+    gpu = next(g for g in topology["gpus"] if g["index"] == index)
+    assert gpu["mig_mode"] == "disabled"
+    gpu["mig_mode"] = "enabled"
+    gpu["mig_devices"] = [
+        {"index": i, "profile": "1g.10gb", "uuid": f"MIG-{uuid_stem}-0000-5000-8000-00000000000{i}",
+         "gi": 7 + i, "ci": 0, "memory_mib": 9728}
+        for i in range(7)]
+    return topology
 
 
 def start_at_once(hub: RunningHub, users: list[str], profile: str) -> None:
@@ -158,11 +176,15 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
     make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
     far_engine: PrivateEngine, cpu: PrivateEngine,
 ) -> None:
+    # Sixteen 1g.10gb slices on gpu1 and eleven on gpu2: twenty fit either way, so where
+    # they land is the strategy's doing (pack would fill gpu1 first).
+    gpusim.install(with_whole_gpu_sliced("a100x4", 3, "3a3a3a3a"))
+    far.install(with_whole_gpu_sliced("h100x2", 1, "4b4b4b4b"))
     hosts = hosts_config(engine, far_engine, cpu)
     hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n"
                                 'c.GPUSpawner.allocation_strategy = "spread"\n')
     engines = {"gpu1": engine, "gpu2": far_engine, "cpu3": cpu}
-    users = [f"s{n:02d}" for n in range(12)]
+    users = [f"s{n:02d}" for n in range(20)]
     start_at_once(hub, users, "mig-1g")
 
     count = {"gpu1": 0, "gpu2": 0, "cpu3": 0}
@@ -172,16 +194,17 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
         assert container.labels["ds01.host"] == host
         assert published(container) == ADDRESS[host]
         assert answers(hub, user), user
-    # What the engines hold: twelve devices, none twice, each one of its own host's.
+    # What the engines hold: twenty devices, none twice, each one of its own host's.
     devices = held(engines)
-    assert len(devices) == 12 and len({d for _, d in devices}) == 12, devices
+    assert len(devices) == 20 and len({d for _, d in devices}) == 20, devices
     own = {"gpu1": set(gpusim.gpu_uuids()) | {m["uuid"] for g in gpusim.state()["gpus"]
                                               for m in g.get("mig_devices", [])},
            "gpu2": {m["uuid"] for g in far.state()["gpus"] for m in g.get("mig_devices", [])}}
     assert all(device in own[host] for host, device in devices), devices
-    # Twelve at once spread as one after another would: each choice counts the spawns on
-    # their way that Docker does not show yet. (``pack`` would give 9 and 3.)
-    assert count == {**oracle(12, "spread"), "cpu3": 0}
+    # Twenty at once spread as one after another would: each choice counts the spawns on
+    # their way that Docker does not show yet.
+    assert count == {**oracle(20, "spread", (16, 11)), "cpu3": 0}
+    assert oracle(20, "pack", (16, 11)) != oracle(20, "spread", (16, 11))
 
     # The hub restarts: its state says which host each server is on, so every one is still
     # running there, as Docker says (a poll on the wrong engine would drop it).
@@ -232,7 +255,7 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
         assert again.labels["ds01.gpu.uuids"] == container.labels["ds01.gpu.uuids"]
         assert answers(hub, user), user
     devices = held(engines)
-    assert len(devices) == 13 and len({d for _, d in devices}) == 13, devices
+    assert len(devices) == 21 and len({d for _, d in devices}) == 21, devices
 
 
 def test_pack_fills_the_busiest_host_first(
