@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import boot, health, hosts, inventory
+from . import allocator, boot, health, hosts, inventory
 from .admin import DEFAULT_HUB_ID
 from .events import follow, tail
 from .inventory import InventoryError
 from .ledger import LedgerError
 from .policy import PolicyError, PolicyFile, parse_duration
+from .snapshot import Snapshot
 from .world import DEFAULT_START_TIMEOUT, World
 
 EXIT_OK, EXIT_PROBLEM, EXIT_CONFIG, EXIT_DOCKER = 0, 1, 2, 3
@@ -60,83 +61,149 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(text)
 
 
+#: One host's reading: its name (None on a one-host hub), its snapshot, why it is down.
+Part = tuple[str | None, Snapshot | None, str]
+
+
+def _parts(args: argparse.Namespace, world: World) -> list[Part]:
+    """What the reading commands show: the local engine, or with ``--hosts`` every host of
+    the file at once (``hosts.read_all``), each up with its snapshot or down with why."""
+    if not args.hosts:
+        return [(None, world.snapshot(), "")]
+    readers = _host_readers(args)
+    with ThreadPoolExecutor(len(readers)) as pool:
+        views = hosts.read_all(readers, pool, timeout=HOSTS_TIMEOUT)
+    return [(view.name, view.snapshot, view.down) for view in views]
+
+
+#: Seconds a host of ``--hosts`` has to answer a reading command before it counts as down.
+HOSTS_TIMEOUT = 30.0
+
+
+def _up(parts: list[Part]) -> list[tuple[str | None, Snapshot]]:
+    """The hosts that answered; each one that did not is said on stderr."""
+    for name, snap, down in parts:
+        if snap is None:
+            print(f"gpuspawner: {name}: DOWN: {down}", file=sys.stderr)
+    return [(name, snap) for name, snap, _down in parts if snap is not None]
+
+
+def _done(parts: list[Part]) -> int:
+    """Exit 1 when a host of ``--hosts`` did not answer (what it showed is the others')."""
+    return EXIT_OK if all(snap is not None for _n, snap, _d in parts) else EXIT_PROBLEM
+
+
+def _with_host(name: str | None, record: dict[str, Any]) -> dict[str, Any]:
+    return record if name is None else {"host": name, **record}
+
+
 def cmd_status(args, world: World) -> int:
-    snap = world.snapshot()
-    free = snap.free_by_profile()
-    held = [a for a in snap.allocations if a.holds and (a.uuids or a.gpu_count or a.slots)]
-    lines = [
-        f"inventory: {snap.inventory.source}, {len(snap.inventory.gpus)} GPU(s), "
-        f"{len(snap.inventory.migs)} MIG device(s)",
-        f"allocations: {len(held)} holding devices, {len(snap.unmanaged())} unmanaged",
-        "free: " + (", ".join(f"{k} {f}/{t}" for k, (f, t) in free.items()) or "nothing"),
-    ]
-    lines += [f"problem: {p}" for p in snap.inventory.problems]
-    _emit(args, {"inventory": snap.inventory.to_json(), "holding": len(held),
-                 "unmanaged": len(snap.unmanaged()),
-                 "free": snap.free_json()},
-          "\n".join(lines))
-    return EXIT_OK
+    parts = _parts(args, world)
+    lines: list[str] = []
+    data: list[dict[str, Any]] = []
+    for name, snap in _up(parts):
+        free = snap.free_by_profile()
+        held = [a for a in snap.allocations if a.holds and (a.uuids or a.gpu_count or a.slots)]
+        lead = "" if name is None else f"{name}: "
+        lines += [
+            f"{lead}inventory: {snap.inventory.source}, {len(snap.inventory.gpus)} GPU(s), "
+            f"{len(snap.inventory.migs)} MIG device(s)",
+            f"{lead}allocations: {len(held)} holding devices, {len(snap.unmanaged())} "
+            "unmanaged",
+            f"{lead}free: " + (", ".join(f"{k} {f}/{t}" for k, (f, t) in free.items())
+                               or "nothing"),
+        ]
+        lines += [f"{lead}problem: {p}" for p in snap.inventory.problems]
+        data.append(_with_host(name, {"inventory": snap.inventory.to_json(),
+                                      "holding": len(held),
+                                      "unmanaged": len(snap.unmanaged()),
+                                      "free": snap.free_json()}))
+    _emit(args, data if args.hosts else data[0], "\n".join(lines))
+    return _done(parts)
 
 
 def cmd_gpus(args, world: World) -> int:
-    snap = world.snapshot()
-    rows = snap.devices()
-    by_id = {a.container_id: a for a in snap.allocations}
-    table = [
-        (d.slot, d.kind, d.profile, d.uuid, d.state, d.memory_words() or "n/a",
-         len(d.processes) if d.memory_used_mib is not None or d.processes else "n/a",
-         ", ".join(f"{by_id[h].user or by_id[h].container_name}" for h in d.holders))
-        for d in rows
-    ]
-    _emit(args, [d.to_json() for d in rows],
-          _table(table, ("slot", "kind", "profile", "uuid", "state", "memory", "processes",
-                         "holder")))
-    return EXIT_OK
+    parts = _parts(args, world)
+    records: list[dict[str, Any]] = []
+    table: list[Sequence[Any]] = []
+    for name, snap in _up(parts):
+        by_id = {a.container_id: a for a in snap.allocations}
+        for d in snap.devices():
+            records.append(_with_host(name, d.to_json()))
+            table.append(((name,) if args.hosts else ()) + (
+                d.slot, d.kind, d.profile, d.uuid, d.state, d.memory_words() or "n/a",
+                len(d.processes) if d.memory_used_mib is not None or d.processes else "n/a",
+                ", ".join(f"{by_id[h].user or by_id[h].container_name}" for h in d.holders)))
+    header = ("slot", "kind", "profile", "uuid", "state", "memory", "processes", "holder")
+    _emit(args, records, _table(table, (("host",) if args.hosts else ()) + header))
+    return _done(parts)
 
 
 def cmd_allocations(args, world: World) -> int:
-    snap = world.snapshot()
-    table = [
-        (a.user or "-", a.server or "-", a.profile or "-", ",".join(a.slots) or "-",
-         a.state, "managed" if a.managed else "unmanaged",
-         " ".join(f"{k}={v}" for k, v in a.ports), a.container_name)
-        for a in snap.allocations
-    ]
-    _emit(args, [a.to_json() for a in snap.allocations],
-          _table(table, ("user", "server", "profile", "slots", "state", "kind", "ports",
-                         "container")))
-    return EXIT_OK
+    parts = _parts(args, world)
+    records: list[dict[str, Any]] = []
+    table: list[Sequence[Any]] = []
+    for name, snap in _up(parts):
+        for a in snap.allocations:
+            records.append(_with_host(name, a.to_json()))
+            table.append(((name,) if args.hosts else ()) + (
+                a.user or "-", a.server or "-", a.profile or "-", ",".join(a.slots) or "-",
+                a.state, "managed" if a.managed else "unmanaged",
+                " ".join(f"{k}={v}" for k, v in a.ports), a.container_name))
+    header = ("user", "server", "profile", "slots", "state", "kind", "ports", "container")
+    _emit(args, records, _table(table, (("host",) if args.hosts else ()) + header))
+    return _done(parts)
 
 
 def cmd_available(args, world: World) -> int:
-    free = world.snapshot().free_by_profile()
+    """Free / total per profile: of the local engine, or with ``--hosts`` summed over every
+    host that answers (what the spawn form offers), each host's beside it in the JSON."""
+    parts = _parts(args, world)
+    each = {name: snap.free_by_profile() for name, snap in _up(parts)}
+    free = allocator.summed(each.values())
     if args.profile:
         if args.profile not in free:
-            print(f"no {args.profile} devices on this host (have: {', '.join(free) or 'none'})",
+            where = "any host" if args.hosts else "this host"
+            print(f"no {args.profile} devices on {where} (have: {', '.join(free) or 'none'})",
                   file=sys.stderr)
             return EXIT_PROBLEM
         free = {args.profile: free[args.profile]}
-    _emit(args, {k: {"free": f, "total": t} for k, (f, t) in free.items()},
-          _table([(k, f, t) for k, (f, t) in free.items()], ("profile", "free", "total")))
-    return EXIT_OK
+        each = {name: {k: v for k, v in got.items() if k == args.profile}
+                for name, got in each.items()}
+    total = {k: {"free": f[0], "total": f[1]} for k, f in free.items()}
+    data: dict[str, Any] = total
+    rows = [(k, f[0], f[1]) for k, f in free.items()]
+    if args.hosts:
+        data = {"total": total, "hosts": {name: {k: {"free": f[0], "total": f[1]}
+                                                 for k, f in got.items()}
+                                          for name, got in each.items()}}
+        rows = [("all", *row) for row in rows] + [
+            (name, k, f[0], f[1]) for name, got in each.items() for k, f in got.items()]
+    header = (("host",) if args.hosts else ()) + ("profile", "free", "total")
+    _emit(args, data, _table(rows, header))
+    return _done(parts)
 
 
 def cmd_user(args, world: World) -> int:
-    snap = world.snapshot()
-    mine = snap.of(args.name)
+    parts = _parts(args, world)
+    up = _up(parts)
     policy = world.policy().for_user(args.name)
-    data = {"user": args.name, "equivalents": snap.usage(args.name),
+    used = sum(snap.usage(args.name) for _name, snap in up)
+    mine = [(name, a) for name, snap in up for a in snap.of(args.name)]
+    data = {"user": args.name, "equivalents": used,
             "limits": policy.limits.to_json(), "policy_sources": list(policy.sources),
-            "allocations": [a.to_json() for a in mine]}
+            "allocations": [_with_host(name, a.to_json()) for name, a in mine]}
     limit = policy.limits.max_gpu_equivalents
-    text = [f"{args.name}: {snap.usage(args.name)} of "
+    text = [f"{args.name}: {used} of "
             f"{'unlimited' if limit is None else limit} GPU-equivalents "
             f"(policy: {', '.join(policy.sources)})"]
-    for a in mine:
+    for name, a in mine:
         text.append(f"  {a.server or '(default)'}: {a.profile} {','.join(a.slots) or 'CPU'} "
-                    f"{a.state} {a.container_name}")
+                    f"{a.state} {a.container_name}" + ("" if name is None else f" on {name}"))
     _emit(args, data, "\n".join(text))
-    return EXIT_OK if mine else EXIT_PROBLEM
+    if not mine:
+        return EXIT_PROBLEM
+    return _done(parts)
 
 
 def hub_images(path: str) -> list[str]:
@@ -320,8 +387,9 @@ def parser() -> argparse.ArgumentParser:
                      "NVML does not give (default: GPUSPAWNER_DCGM_URL; none: n/a)")
     top.add_argument("--hosts", default=env("GPUSPAWNER_HOSTS") or None, metavar="FILE",
                      help="a YAML file of GPU hosts (name: Docker endpoint, or name: {url:, "
-                     "tls_ca:, tls_cert:, tls_key:}) for the hosts command and doctor "
-                     "(default: GPUSPAWNER_HOSTS)")
+                     "tls_ca:, tls_cert:, tls_key:}): the hosts command, doctor, and status, "
+                     "gpus, allocations, available and user over every host (default: "
+                     "GPUSPAWNER_HOSTS)")
     top.add_argument("--probe-image", default=env("GPUSPAWNER_PROBE_IMAGE") or None,
                      metavar="IMAGE",
                      help="an image on every host (any with sh) that runs the GPU probe "

@@ -10,6 +10,7 @@ others are read as before, and is back at its next read once its engine is."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -197,6 +198,30 @@ def test_the_hosts_command_and_doctor_speak_of_every_host(
         assert rows["gpu2"]["free"]["1g.10gb"] == {"free": 4, "total": 4}
         assert rows["cpu3"]["problems"][0].startswith("host cpu3: the GPU probe")
 
+        # The reading commands over every host: each record names its host.
+        local = ["--docker-host", engine.base_url, *common]
+        assert cli.main([*local, "allocations", "--json"]) == 0
+        records = json.loads(capsys.readouterr().out)
+        assert [(r["host"], r["container_name"]) for r in records] == [("gpu2", "by-hand-2")]
+        assert cli.main([*local, "gpus", "--json"]) == 0
+        devices = json.loads(capsys.readouterr().out)
+        assert {d["host"] for d in devices} == {"gpu1", "gpu2"}
+        [whole] = [d for d in devices
+                   if d["host"] == "gpu2" and d["uuid"] == far_sim.gpu_uuids()[1]]
+        assert whole["state"] == "unmanaged" and whole["holders"]  # held by hand
+        assert cli.main([*local, "available", "--json"]) == 0
+        free = json.loads(capsys.readouterr().out)
+        assert free["hosts"]["gpu2"]["1g.10gb"] == {"free": 4, "total": 4}
+        assert free["total"]["1g.10gb"] == {
+            "free": 4 + free["hosts"]["gpu1"]["1g.10gb"]["free"],
+            "total": 4 + free["hosts"]["gpu1"]["1g.10gb"]["total"]}
+        assert free["hosts"]["cpu3"] == {}
+        assert cli.main([*local, "status", "--json"]) == 0
+        assert [row["host"] for row in json.loads(capsys.readouterr().out)] == [
+            "gpu1", "gpu2", "cpu3"]
+        assert cli.main([*local, "allocations"]) == 0
+        assert re.search(r"^gpu2 +- +- +- ", capsys.readouterr().out, re.MULTILINE)
+
         assert cli.main(["--docker-host", engine.base_url, *common, "doctor", "--json"]) == 0
         checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
         assert checks["host gpu2"]["status"] == "ok"
@@ -215,6 +240,10 @@ def test_the_hosts_command_and_doctor_speak_of_every_host(
             assert "gpu2 (" in out and "1 holder(s)" in out
             assert cli.main(["--docker-host", engine.base_url, *common, "doctor"]) == 1
             assert "[FAIL] host cpu3: " in capsys.readouterr().out
+            # What answers is shown; the host that does not is said, and the exit is 1.
+            assert cli.main(["--docker-host", engine.base_url, *common, "allocations"]) == 1
+            shown = capsys.readouterr()
+            assert "by-hand-2" in shown.out and "gpuspawner: cpu3: DOWN: host cpu3" in shown.err
         finally:
             cpu.start()
     finally:
