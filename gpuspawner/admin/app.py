@@ -110,7 +110,7 @@ class Admin:
         self.event_log = events.EventLog(settings.events, max_bytes=settings.events_max_bytes,
                                          keep_files=settings.events_keep)
         self.registry = metrics.registry(self.take, settings.events,
-                                         self.read_hosts if settings.hosts else None)
+                                         self._read_all_hosts if settings.hosts else None)
         #: The hub's hosts (``read_hosts``): readers made on first use, the last read.
         self._host_readers: list[hosts.HostReader] | None = None
         self._host_pool: ThreadPoolExecutor | None = None

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .. import events
 from ..allocator import Taken
 from ..events import GPU_REFUSE
+from ..hosts import HostView
 from ..records import MigDevice
 from ..snapshot import Snapshot
 
@@ -142,17 +143,7 @@ class SnapshotCollector:
         used = GaugeMetricFamily("gpuspawner_gpu_slots_used",
                                  "Devices held (running, starting or held after stop)",
                                  labels=["gpu", "profile"])
-        inv = snap.inventory
-        taken = Taken(inv, snap.allocations)
-        rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-        for gpu in inv.gpus:
-            devices: list[Any] = list(inv.migs_of(gpu)) if gpu.mig_enabled else [gpu]
-            for device in devices:
-                profile = device.profile if isinstance(device, MigDevice) else "gpu"
-                row = rows[(str(gpu.index), profile)]
-                row[0] += 1
-                row[1] += 1 if taken.blockers(device) else 0
-        for (gpu_index, profile), (count, busy) in sorted(rows.items()):
+        for (gpu_index, profile), (count, busy) in slot_counts(snap).items():
             total.add_metric([gpu_index, profile], count)
             used.add_metric([gpu_index, profile], busy)
         yield total
@@ -203,11 +194,31 @@ class SnapshotCollector:
         yield refused
 
 
-class HostsCollector:
-    """A hub of several hosts: each host up or down, and its free devices per profile, from
-    one read of every host per scrape (``hosts.HostView.summary`` rows)."""
+def slot_counts(snap: Snapshot) -> dict[tuple[str, str], tuple[int, int]]:
+    """(GPU index, profile) -> (devices, devices held) of one host, sorted: what the slot
+    metrics say (a whole GPU with MIG off is one device of profile ``gpu``)."""
+    inv = snap.inventory
+    taken = Taken(inv, snap.allocations)
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for gpu in inv.gpus:
+        devices: list[Any] = list(inv.migs_of(gpu)) if gpu.mig_enabled else [gpu]
+        for device in devices:
+            profile = device.profile if isinstance(device, MigDevice) else "gpu"
+            row = rows[(str(gpu.index), profile)]
+            row[0] += 1
+            row[1] += 1 if taken.blockers(device) else 0
+    return {key: (count, busy) for key, (count, busy) in sorted(rows.items())}
 
-    def __init__(self, read_hosts: Callable[[], list[dict[str, Any]]]) -> None:
+
+class HostsCollector:
+    """A hub of several hosts: each host up or down, its free devices per profile, its
+    devices and holders per GPU and profile, and what each user holds there, from one read
+    of every host per scrape (``hosts.HostView`` and its ``summary`` rows)."""
+
+    def __init__(
+        self,
+        read_hosts: Callable[[], tuple[Sequence[HostView], list[dict[str, Any]]]],
+    ) -> None:
         self.read_hosts = read_hosts
 
     def describe(self) -> list[Metric]:
@@ -218,18 +229,39 @@ class HostsCollector:
                                "1 when the host's Docker engine answers, per host", labels=["host"])
         free = GaugeMetricFamily("gpuspawner_host_profile_free",
                                  "Free devices per host and profile", labels=["host", "profile"])
-        for row in self.read_hosts():
+        slots = GaugeMetricFamily("gpuspawner_host_gpu_slots",
+                                  "Devices that can be allocated, per host, GPU and profile",
+                                  labels=["host", "gpu", "profile"])
+        used = GaugeMetricFamily("gpuspawner_host_gpu_slots_used",
+                                 "Devices held, per host, GPU and profile",
+                                 labels=["host", "gpu", "profile"])
+        equivalents = GaugeMetricFamily("gpuspawner_host_user_gpu_equivalents",
+                                        "GPU-equivalents held per host and user",
+                                        labels=["host", "user"])
+        views, rows = self.read_hosts()
+        for row in rows:
             up.add_metric([row["name"]], 1.0 if row["up"] else 0.0)
             for profile, counts in (row.get("free") or {}).items():
                 free.add_metric([row["name"], profile], counts["free"])
-        yield up
-        yield free
+        for view in views:
+            snap = view.snapshot
+            if snap is None:
+                continue
+            for (gpu_index, profile), (count, busy) in slot_counts(snap).items():
+                slots.add_metric([view.name, gpu_index, profile], count)
+                used.add_metric([view.name, gpu_index, profile], busy)
+            users = sorted({a.user for a in snap.allocations
+                            if a.managed and a.user and a.holds
+                            and (a.uuids or a.slots or a.gpu_count)})
+            for user in users:
+                equivalents.add_metric([view.name, user], snap.usage(user))
+        yield from (up, free, slots, used, equivalents)
 
 
 def registry(
     take_snapshot: Callable[[], Snapshot],
     events_path: str | None,
-    read_hosts: Callable[[], list[dict[str, Any]]] | None = None,
+    read_hosts: Callable[[], tuple[Sequence[HostView], list[dict[str, Any]]]] | None = None,
 ) -> CollectorRegistry:
     """The service's own registry with the snapshot collector in it (and, on a hub of
     several hosts, the hosts collector)."""

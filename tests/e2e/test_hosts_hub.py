@@ -353,6 +353,13 @@ def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
     assert 'gpuspawner_host_up{host="cpu3"} 0.0' in metrics
     assert 'gpuspawner_host_up{host="gpu2"} 1.0' in metrics
     assert 'gpuspawner_host_profile_free{host="gpu2",profile="1g.10gb"} 4.0' in metrics
+    # Per host, GPU and profile: gpu2's GPU 0 has four 1g.10gb slices, none held; ann holds
+    # one 1g.10gb slice (1/7 of a GPU) on gpu1.
+    assert 'gpuspawner_host_gpu_slots{gpu="0",host="gpu2",profile="1g.10gb"} 4.0' in metrics
+    assert 'gpuspawner_host_gpu_slots_used{gpu="0",host="gpu2",profile="1g.10gb"} 0.0' in metrics
+    held_by_ann = re.search(r'gpuspawner_host_user_gpu_equivalents\{host="gpu1",user="ann"\} '
+                            r'([0-9.]+)', metrics)
+    assert held_by_ann and abs(float(held_by_ann.group(1)) - 1 / 7) < 1e-3, metrics
     page = read("")
     assert page.status_code == 200
     assert re.search(r'<li class="host host-down" data-host="cpu3"', page.text), page.text[:3000]
