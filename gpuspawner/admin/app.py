@@ -326,25 +326,24 @@ class Admin:
         return [(view.name, snap if view.name == own else view.snapshot, view.down)
                 for view in found], ()
 
-    async def allocation_rows(self) -> list[dict[str, Any]]:
-        """The allocations page's rows: the own engine's, or every host's, each naming it."""
-        users = await self.hub_users()
+    async def _readings(self) -> list[tuple[str | None, Snapshot | None]]:
+        """The own engine's snapshot (host None), or every host's (None for one that does
+        not answer), for the pages that list containers and users."""
         if self.settings.hosts:
             parts, _problems = await self.host_parts()
             if parts:
-                return views.allocation_rows_across([(n, s) for n, s, _ in parts], users,
-                                                    self.settings.hub_id)
-        return views.allocation_rows(await self.snapshot(), users, self.settings.hub_id)
+                return [(name, snap) for name, snap, _down in parts]
+        return [(None, await self.snapshot())]
+
+    async def allocation_rows(self) -> list[dict[str, Any]]:
+        """The allocations page's rows: the own engine's, or every host's, each naming it."""
+        return views.allocation_rows_across(await self._readings(), await self.hub_users(),
+                                            self.settings.hub_id)
 
     async def user_rows(self) -> list[dict[str, Any]]:
         """The users page's rows: over the own engine, or over every host."""
-        users = await self.hub_users()
-        if self.settings.hosts:
-            parts, _problems = await self.host_parts()
-            if parts:
-                return views.user_rows_across([(n, s) for n, s, _ in parts], users,
-                                              self.settings.idle_after)
-        return views.user_rows(await self.snapshot(), users, self.settings.idle_after)
+        return views.user_rows_across(await self._readings(), await self.hub_users(),
+                                      self.settings.idle_after)
 
     def _readers(self) -> list[hosts.HostReader]:
         if self._host_readers is None:

@@ -483,12 +483,13 @@ def allocation_rows(
 
 
 def allocation_rows_across(
-    parts: Sequence[tuple[str, Snapshot | None]],
+    parts: Sequence[tuple[str | None, Snapshot | None]],
     hub_users: Mapping[str, HubUser] | None = None,
     hub_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """``allocation_rows`` of every host that answers (``parts``: host, snapshot or None),
-    each row naming its host."""
+    """``allocation_rows`` of every host that answers (``parts``: host, or None on a
+    one-host hub; snapshot, or None for a host that does not answer), each row naming its
+    host."""
     return [row for host, snap in parts if snap is not None
             for row in allocation_rows(snap, hub_users, hub_id, host=host)]
 

@@ -181,8 +181,11 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
     gpusim.install(with_whole_gpu_sliced("a100x4", 3, "3a3a3a3a"))
     far.install(with_whole_gpu_sliced("h100x2", 1, "4b4b4b4b"))
     hosts = hosts_config(engine, far_engine, cpu)
+    # Twenty Jupyter servers boot at once on the two cores CI has, beside the other
+    # worker's tests: give each more than the usual minute to answer.
     hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n"
-                                'c.GPUSpawner.allocation_strategy = "spread"\n')
+                                'c.GPUSpawner.allocation_strategy = "spread"\n'
+                                "c.Spawner.http_timeout = 240\n")
     engines = {"gpu1": engine, "gpu2": far_engine, "cpu3": cpu}
     users = [f"s{n:02d}" for n in range(20)]
     start_at_once(hub, users, "mig-1g")
@@ -468,10 +471,7 @@ def test_a_server_whose_host_is_full_is_refused_at_once_naming_its_host(
     hosts = {"gpu2": hosts_config(engine, far_engine, None)["gpu2"]}
     hub = make_hub(config_extra=f"c.GPUSpawner.hosts = {hosts!r}\n"
                                 f"c.GPUSpawner.policy_file = {str(policy)!r}\n")
-    hub.spawn("ann", "mig-3g")
-    first = far_engine.client.containers.get("jupyter-ann")
-    hub.stop_server("ann")
-    hub.spawn("bo", "mig-3g")
+    first = ann_stopped_and_her_slice_given_to_bo(hub, far_engine)
     began = time.monotonic()
     response = hub.spawn("ann", "mig-3g")
     assert response.status_code == 503, response.text
@@ -500,6 +500,24 @@ def moving_hub(make_hub: MakeHub, engine: PrivateEngine, far_engine: PrivateEngi
                                  "c.GPUSpawner.allocation_strategy = 'pack'\n" + extra)
 
 
+def ann_stopped_and_her_slice_given_to_bo(hub: RunningHub, far_engine: PrivateEngine,
+                                         note: str = "") -> Any:
+    """ann's server starts on gpu2 (with ``note`` written in it), and stops; with no hold
+    after a stop, bo's server then takes gpu2's only 3g.40gb slice. Returns ann's stopped
+    container."""
+    hub.spawn("ann", "mig-3g")
+    first = far_engine.client.containers.get("jupyter-ann")
+    assert first.labels["ds01.host"] == "gpu2"
+    if note:
+        assert run_in(far_engine, first.id,
+                      f"echo {note} > /home/jovyan/notes.txt && echo ok") == "ok"
+    hub.stop_server("ann")
+    hub.spawn("bo", "mig-3g")
+    bo = far_engine.client.containers.get("jupyter-bo")
+    assert bo.labels["ds01.gpu.uuids"] == first.labels["ds01.gpu.uuids"]
+    return first
+
+
 def test_a_server_whose_host_has_no_device_for_it_moves_to_another_with_its_files(
     make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
     far_engine: PrivateEngine, tmp_path: Path,
@@ -510,14 +528,8 @@ def test_a_server_whose_host_has_no_device_for_it_moves_to_another_with_its_file
     image go from gpu2. The file she wrote is in her new container on gpu1, whose device the
     NVIDIA hook handed over is a gpu1 slice; bo's server on gpu2 is untouched."""
     hub = moving_hub(make_hub, engine, far_engine, tmp_path)
-    hub.spawn("ann", "mig-3g")
-    first = far_engine.client.containers.get("jupyter-ann")
-    assert first.labels["ds01.host"] == "gpu2"
-    assert run_in(far_engine, first.id, "echo mine > /home/jovyan/notes.txt && echo ok") == "ok"
-    hub.stop_server("ann")
-    hub.spawn("bo", "mig-3g")
+    ann_stopped_and_her_slice_given_to_bo(hub, far_engine, note="mine")
     bo = far_engine.client.containers.get("jupyter-bo")
-    assert bo.labels["ds01.gpu.uuids"] == first.labels["ds01.gpu.uuids"]
 
     hub.spawn("ann", "mig-3g", timeout=240)
     now = engine.client.containers.get("jupyter-ann")
@@ -557,10 +569,7 @@ def test_a_server_with_a_volume_stays_on_its_host_and_the_user_is_told_why(
     hub = moving_hub(make_hub, engine, far_engine, tmp_path, extra=(
         "c.DockerSpawner.volumes = {'gpuspawner-e2e-home-{username}': '/home/jovyan/work'}\n"))
     try:
-        hub.spawn("ann", "mig-3g")
-        first = far_engine.client.containers.get("jupyter-ann")
-        hub.stop_server("ann")
-        hub.spawn("bo", "mig-3g")
+        first = ann_stopped_and_her_slice_given_to_bo(hub, far_engine)
         began = time.monotonic()
         response = hub.spawn("ann", "mig-3g")
         assert response.status_code == 503, response.text
