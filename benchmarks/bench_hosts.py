@@ -17,9 +17,14 @@ choose a host: what runs and what was made lately listed, the older stopped cont
 the reader's last full list (``stopped_max_age``), all hosts at once on a pool.
 
 On this machine the three engines share its cores, so a read of all three competes for CPU
-that three real hosts would not share: the figure is an upper bound.
+that three real hosts would not share: the plain figure is an upper bound. With
+``--engine-cpus F`` each engine's dockerd runs in a CPU cgroup of its own, capped at F cores
+(cgroup v1 ``cpu.cfs_quota_us``, or v2 ``cpu.max``), as if each host had its own F cores:
+with ``3 * F`` below the machine's cores the engines no longer take CPU from each other, and
+what three reads at once still share is the hub's own process, which is what the goal is
+about. The hub is not capped.
 
-    .venv/bin/python benchmarks/bench_hosts.py [--containers 1000] [--rounds 9]
+    .venv/bin/python benchmarks/bench_hosts.py [--containers 1000] [--rounds 9] [--engine-cpus 0.5]
 
 Runs as root (each engine makes a bridge). The engines are stopped at the end, also after an
 error or Ctrl-C; their fleets stay, stopped, under ``GPUSPAWNER_TEST_ROOT`` (default
@@ -55,6 +60,44 @@ def _engines() -> list[Any]:
     return [PrivateEngine(p, nvidia_runtime=True) for p in paths]
 
 
+CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+def cap_cpu(name: str, pid: int, cpus: float) -> Path:
+    """Puts ``pid`` (a dockerd) into a CPU cgroup of its own, capped at ``cpus`` cores; returns
+    the group, which ``uncap`` removes. Threads it starts later stay in the group. The
+    period is 10 ms, so a read of a few hundred ms is slowed evenly, not stopped in 100 ms
+    steps at the kernel's default period."""
+    period = 10_000
+    quota = max(1000, int(cpus * period))
+    if (CGROUP_V1 / "cpu.cfs_quota_us").exists() or (CGROUP_V1 / "tasks").exists():
+        group = CGROUP_V1 / f"gpuspawner-bench-{name}"
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
+    else:
+        group = CGROUP_V2 / f"gpuspawner-bench-{name}"
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text(f"{quota} {period}")
+    (group / "cgroup.procs").write_text(str(pid))
+    return group
+
+
+def uncap(group: Path) -> None:
+    """Moves the group's processes back to the root group and removes the group."""
+    root = group.parent / "cgroup.procs"
+    for pid in (group / "cgroup.procs").read_text().split():
+        try:
+            root.write_text(pid)
+        except OSError:
+            pass  # exited since
+    try:
+        group.rmdir()
+    except OSError as error:
+        print(f"could not remove {group}: {error}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from benchmarks import engine_fleet as fleet
     from gpuspawner import hosts
@@ -64,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     engines = _engines()
     readers = []
+    groups: list[Path] = []
     try:
         for number, (name, engine) in enumerate(zip(NAMES, engines, strict=True), start=1):
             began = time.perf_counter()
@@ -77,10 +121,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: engine under {engine.paths.data_root}, {args.containers} "
                   f"containers (created {made.created}, reused {made.reused}) in "
                   f"{time.perf_counter() - began:.1f} s", flush=True)
+            if args.engine_cpus:
+                assert engine._proc is not None
+                groups.append(cap_cpu(name, engine._proc.pid, args.engine_cpus))
             readers.append(hosts.HostReader(hosts.Host(name, engine.base_url), image=image,
                                             hub_id=fleet.HUB, policy=Policy.default,
                                             start_timeout=60))
         alone: dict[str, list[float]] = {name: [] for name in NAMES}
+        slowest_alone: list[float] = []  # per round: the slowest of the three alone
         together: list[float] = []
         ratios: list[float] = []
         cpu_alone: list[float] = []  # this process's CPU for the three reads one by one
@@ -108,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                     slowest = max(slowest, took)
                     assert len(snap.allocations) > 0
                 cpu_alone.append(time.process_time() - cpu)
+                slowest_alone.append(slowest)
                 cpu, began = time.process_time(), time.perf_counter()
                 views = hosts.read_all(readers, pool, timeout=120)
                 took = time.perf_counter() - began
@@ -126,15 +175,22 @@ def run(args: argparse.Namespace) -> int:
                 spawn_alone.append(slowest)
                 spawn_together.append(took)
                 spawn_ratios.append(took / slowest)
-        print(f"\n{args.rounds} rounds; per host {args.containers} containers on its engine")
+        print(f"\n{args.rounds} rounds; per host {args.containers} containers on its engine"
+              + (f", each engine capped at {args.engine_cpus} of the {os.cpu_count()} cores "
+                 "in a CPU cgroup of its own (as if on hosts of their own)"
+                 if args.engine_cpus else ""))
         for name in NAMES:
             print(f"  {name} alone: median {statistics.median(alone[name]) * 1000:.0f} ms")
+        print(f"  the slowest of the three alone, per round: median "
+              f"{statistics.median(slowest_alone) * 1000:.0f} ms")
         print(f"  all three at once (hosts.read_all): median "
               f"{statistics.median(together) * 1000:.0f} ms")
         print(f"  the hub's own CPU (client side: JSON, records) for the three: one by one "
               f"{statistics.median(cpu_alone) * 1000:.0f} ms, at once "
               f"{statistics.median(cpu_together) * 1000:.0f} ms; the engines' CPU is the rest "
-              f"({os.cpu_count()} cores shared by three engines and the hub here)")
+              + (f"(each engine on its own {args.engine_cpus} cores; the hub's process shares "
+                 "the rest)" if args.engine_cpus else
+                 f"({os.cpu_count()} cores shared by three engines and the hub here)"))
         ratio = statistics.median(ratios)
         print(f"all at once / slowest alone (median of rounds): {ratio:.2f}  goal <= {GOAL}: "
               f"{'met' if ratio <= GOAL else 'MISSED'}")
@@ -144,9 +200,12 @@ def run(args: argparse.Namespace) -> int:
               f"{statistics.median(spawn_together) * 1000:.0f} ms; ratio (median of rounds) "
               f"{spawn_ratio:.2f}  goal <= {GOAL}: {'met' if spawn_ratio <= GOAL else 'MISSED'}")
         print("command: .venv/bin/python benchmarks/bench_hosts.py "
-              f"--containers {args.containers} --rounds {args.rounds}")
+              f"--containers {args.containers} --rounds {args.rounds}"
+              + (f" --engine-cpus {args.engine_cpus}" if args.engine_cpus else ""))
         return 0
     finally:
+        for group in groups:
+            uncap(group)
         for engine in engines:
             engine.stop()
 
@@ -158,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9, help="rounds (default 9)")
     parser.add_argument("--workers", type=int, default=4,
                         help="fleet containers created/started at a time (default 4)")
+    parser.add_argument("--engine-cpus", type=float, default=0.0,
+                        help="cap each engine's dockerd at this many cores, in a CPU cgroup "
+                             "of its own (default: not capped; the engines share the cores)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.containers < 1:
         parser.error("--rounds and --containers must be at least 1")
+    if args.engine_cpus < 0 or args.engine_cpus * len(NAMES) > (os.cpu_count() or 1):
+        parser.error("--engine-cpus: three engines must fit in this machine's cores")
     return run(args)
 
 

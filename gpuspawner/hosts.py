@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -222,7 +223,8 @@ class HostReader:
         self._lock = threading.Lock()
         self._client: docker.DockerClient | None = None
         self._ledger: Ledger | None = None
-        self._probed: tuple[float, Inventory] | None = None
+        #: The last probe: when (this reader's clock, and the wall clock) and what it printed.
+        self._probed: tuple[float, datetime, Inventory] | None = None
         self._pending: Future[Snapshot] | None = None
 
     def invalidate(self) -> None:
@@ -266,15 +268,25 @@ class HostReader:
         with self._lock:
             probed = self._probed
         if probed is not None and self.clock() - probed[0] < self.probe_ttl:
-            return probed[1]
+            return probed[2]
         client, _ledger = self._engine()
+        began = datetime.now(timezone.utc)
         try:
             found = probe.read(client, self.image, self.hub_id)
         except InventoryError as exc:  # a host without the NVIDIA runtime: CPU servers only
             found = Inventory(source="none", problems=(f"host {self.host.name}: {exc}",))
         with self._lock:
-            self._probed = (self.clock(), found)
+            self._probed = (self.clock(), began, found)
         return found
+
+    def activity_at(self) -> datetime | None:
+        """When the GPU activity (memory in use, processes) of this host's last read was
+        read: its probe's start, which may be up to ``probe_ttl`` before the read; None for
+        the hub's own host, whose NVML is read with every read."""
+        if self.local_inventory is not None:
+            return None
+        with self._lock:
+            return None if self._probed is None else self._probed[1]
 
     def read(self, policy: Policy | None = None, *, live: str = "",
              stopped_max_age: float = 0.0, busy_memory_mib: int | None = None) -> Snapshot:

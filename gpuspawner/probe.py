@@ -12,6 +12,13 @@ The probe asks for every GPU with the ``utility`` capability only (and
 a request as holding a device (``ledger.device_facts``), so a probe never blocks a spawn. It
 runs without a network, is labelled ``ds01.interface=probe`` with its hub, and is removed
 when it ends, whatever happened; a probe a crashed hub left behind is removed by the next.
+
+It runs in the host's PID namespace (``--pid=host``). The driver names compute processes by
+their host pids, and ``nvidia-smi`` lists only those it finds in its own ``/proc``: in a
+container's own namespace the process list is empty, whoever computes (memory in use is
+still shown). The host's processes are what GPU activity (``admin/activity.py``: idle time,
+idle stops, the Hub's ``last_activity``) is read from. The probe runs nothing but
+``nvidia-smi``, from the host's own driver, with no network and no other capability.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def read(client: Any, image: str, hub_id: str, timeout: float = 60.0) -> Invento
         created = api.create_container(
             image, command=COMMAND, labels=labels(hub_id), network_disabled=True,
             environment={"NVIDIA_MIG_MONITOR_DEVICES": "all"},
-            host_config=api.create_host_config(device_requests=[request]),
+            host_config=api.create_host_config(device_requests=[request], pid_mode="host"),
         )
     except docker.errors.APIError as exc:
         raise InventoryError(f"the GPU probe could not be created: {exc.explanation}") from exc

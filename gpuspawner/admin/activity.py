@@ -63,6 +63,8 @@ class IdleStop(JSONRecord):
     container: str
     idle: float
     timeout: float
+    #: The host it runs on, on a hub of several hosts (set by the caller, which read it).
+    host: str = ""
 
 
 def idle_stops(
@@ -99,9 +101,13 @@ def idle_stops(
 WorkSeen = dict[str, tuple[datetime, tuple[str, ...]]]
 
 
-def note_work(snap: Snapshot, seen: WorkSeen) -> dict[str, datetime]:
+def note_work(snap: Snapshot, seen: WorkSeen, at: datetime | None = None) -> dict[str, datetime]:
     """Update ``seen`` from one read and return, per device NVML reports activity for, the
     moment since which it has run no compute process: the read's time while one runs.
+
+    ``at``: when the activity itself was read, where that is earlier than the snapshot (a
+    remote host's probe, kept for a while between reads); a process seen then counts from
+    then, never from the later read.
 
     The clock starts again when the running containers holding a device change (a new
     holder's idle time is its own, not its predecessor's), and a device first seen idle
@@ -109,6 +115,7 @@ def note_work(snap: Snapshot, seen: WorkSeen) -> dict[str, datetime]:
     Devices NVML gives no activity for (memory unknown) have no clock.
     """
     now = snap.taken_at
+    worked = now if at is None else min(at, now)
     running = [a for a in snap.allocations if a.state == RUNNING]
     holders = Taken(snap.inventory, running).by_uuid
     since: dict[str, datetime] = {}
@@ -121,8 +128,10 @@ def note_work(snap: Snapshot, seen: WorkSeen) -> dict[str, datetime]:
         if last is not None and last[0] > now:  # an older read, finished late: nothing new
             since[uuid] = last[0]
             continue
-        if device.processes or last is None or last[1] != ids:
+        if last is None or last[1] != ids:  # first seen, or a new holder: from this read
             seen[uuid] = (now, ids)
+        elif device.processes:
+            seen[uuid] = (max(last[0], worked), ids)
         since[uuid] = seen[uuid][0]
     for uuid in set(seen) - set(since):
         del seen[uuid]

@@ -119,11 +119,14 @@ class Admin:
         self._hosts_lock = threading.Lock()
         #: The GPU activity reporter's task (``report_activity_forever``), when running.
         self.reporter: asyncio.Future[None] | None = None
-        #: Container id -> when its devices last ran a compute process (``time.monotonic``).
-        self._last_work: dict[str, float] = {}
+        #: Per host ("" for the hub's own engine): container id -> when its devices last
+        #: ran a compute process (``time.monotonic``), for ``idle_stops``.
+        self._last_work: dict[str, dict[str, float]] = {}
         #: Per device: when it last ran a compute process, and its holders then
-        #: (``activity.note_work``): the idle time every page, scrape and API answer shows.
+        #: (``activity.note_work``): the idle time every page, scrape and API answer shows;
+        #: the hub's own engine's, and per other host, each host's.
         self._work_seen: activity.WorkSeen = {}
+        self._host_work_seen: dict[str, activity.WorkSeen] = {}
         #: Follows Docker's events (``start_docker_events``); None until started.
         self.docker_events: DockerEvents | None = None
         #: What was logged and still present at the last look, per kind of problem:
@@ -141,20 +144,43 @@ class Admin:
 
     async def report_activity(self) -> dict[str, set[str]]:
         """Once: tell the Hub which servers run compute processes on their devices now
-        (``activity.active_servers``), so an idle culler leaves a training run alone."""
-        snap = await self.snapshot(fresh=True)
-        active = activity.active_servers(snap)
+        (``activity.active_servers``), so an idle culler leaves a training run alone; and
+        stop those idle past their ``gpu_idle_timeout``. On a hub of several hosts, every
+        host that answers, each read now (a remote host through a new probe); the clocks
+        of a host that does not answer start again when it is back, so its servers are
+        never stopped for the time it could not be seen."""
+        readings = await self._activity_readings()
+        active: dict[str, set[str]] = {}
+        for _host, snap in readings:
+            for user, servers in activity.active_servers(snap).items():
+                active.setdefault(user, set()).update(servers)
         when = datetime.now(timezone.utc)
         for user, servers in sorted(active.items()):
             await self.hub.report_activity(user, sorted(servers), when)
         users = await self.hub_users()
         groups = {name: u.groups for name, u in users.items()}
-        stops = activity.idle_stops(snap, self._last_work, time.monotonic(), groups)
+        now = time.monotonic()
+        stops = []
+        for host, snap in readings:
+            found = activity.idle_stops(snap, self._last_work.setdefault(host, {}), now, groups)
+            stops += [replace(stop, host=host) for stop in found]
+        for host in set(self._last_work) - {host for host, _snap in readings}:
+            del self._last_work[host]
         if self.hub.error:  # the clocks go on; without users' hub groups, no limit is known
             return active
         for stop in stops:
             await self.stop_idle(stop)
         return active
+
+    async def _activity_readings(self) -> list[tuple[str, Snapshot]]:
+        """(host, snapshot) read now for GPU activity: the hub's own engine ("" on a
+        one-host hub), and every other host that answers, through a new probe."""
+        if not self.settings.hosts:
+            return [("", await self.snapshot(fresh=True))]
+        parts, _problems = await self.host_parts(fresh=True)
+        if not parts:  # the hosts setting cannot be read: the own engine, as on one host
+            return [("", await self.snapshot(fresh=True))]
+        return [(name, snap) for name, snap, _down in parts if snap is not None]
 
     async def stop_idle(self, stop: activity.IdleStop) -> None:
         """Stop a server that idled past its ``gpu_idle_timeout``, through the Hub (which
@@ -164,10 +190,11 @@ class Admin:
             log.warning("stopping idle GPU server %s/%s failed: %s %s", stop.user,
                         stop.server, code, message)
             return
-        self._last_work.pop(stop.container_id, None)
+        self._last_work.get(stop.host, {}).pop(stop.container_id, None)
+        where = {"host": stop.host} if stop.host else {}
         self.event_log.write(events.GPU_IDLE_STOP, user=stop.user, server=stop.server,
                              container=stop.container, idle=round(stop.idle),
-                             timeout=round(stop.timeout), via="admin-service")
+                             timeout=round(stop.timeout), via="admin-service", **where)
         log.info("stopped %s/%s: no GPU work for %.0f s (gpu_idle_timeout %.0f s)",
                  stop.user, stop.server, stop.idle, stop.timeout)
 
@@ -255,23 +282,46 @@ class Admin:
         their probe. A ``hosts`` setting that cannot be read is one row saying why."""
         return self._read_all_hosts()[1]
 
-    def _read_all_hosts(self) -> tuple[tuple[hosts.HostView, ...], list[dict[str, Any]]]:
+    def _read_all_hosts(
+        self, fresh: bool = False,
+    ) -> tuple[tuple[hosts.HostView, ...], list[dict[str, Any]]]:
+        """Every host at once, kept ``HOSTS_MAX_AGE``; ``fresh``: read now, and the remote
+        hosts' GPUs through a new probe. Each snapshot carries its devices' idle clocks
+        (``activity.note_work``, from when its probe read them)."""
         if not self.settings.hosts:
             return (), []
         with self._hosts_lock:
             last = self._hosts_read
-            if last is not None and time.monotonic() - last[0] < self.HOSTS_MAX_AGE:
+            if (not fresh and last is not None
+                    and time.monotonic() - last[0] < self.HOSTS_MAX_AGE):
                 return last[1], last[2]
             try:
                 readers = self._readers()
             except hosts.HostsError as exc:
                 return (), [{"name": "hosts", "url": "", "up": False, "down": str(exc)}]
             assert self._host_pool is not None
-            found = hosts.read_all(readers, self._host_pool, timeout=10.0)
+            if fresh:
+                for reader in readers:
+                    reader.invalidate()
+            found = tuple(self._with_work(view, reader) for view, reader in zip(
+                hosts.read_all(readers, self._host_pool, timeout=10.0), readers, strict=True))
             rows = [view.summary(reader.host.url)
                     for view, reader in zip(found, readers, strict=True)]
             self._hosts_read = (time.monotonic(), found, rows)
             return found, rows
+
+    def _with_work(self, view: hosts.HostView, reader: hosts.HostReader) -> hosts.HostView:
+        """The host's snapshot with its devices' idle clocks, kept per host (the hub's own
+        engine shares the clocks of this service's own snapshots); a host that does not
+        answer loses its clocks, which start again from its next read."""
+        with self._seen_lock:
+            if view.snapshot is None:
+                self._host_work_seen.pop(view.name, None)
+                return view
+            seen = (self._work_seen if reader.local_inventory is not None
+                    else self._host_work_seen.setdefault(view.name, {}))
+            since = activity.note_work(view.snapshot, seen, reader.activity_at())
+        return replace(view, snapshot=replace(view.snapshot, work_since=since))
 
     def release(self, container_id: str, host: str = "") -> Allocation:
         """Release a hold (``world.release``): on the service's own engine, or on ``host`` of
@@ -312,17 +362,17 @@ class Admin:
             self.own_host))
 
     async def host_parts(
-        self,
+        self, fresh: bool = False,
     ) -> tuple[list[tuple[str, Snapshot | None, str]], tuple[str, ...]]:
         """Every host of the hub as (name, snapshot or None, why it is down), the hub's own
         engine's from the snapshot that keeps GPU activity; and, when the ``hosts`` setting
         itself cannot be read, no host and why. One read of all hosts serves every page for
-        ``HOSTS_MAX_AGE``."""
-        found, rows = await self.run(self._read_all_hosts)
+        ``HOSTS_MAX_AGE``; ``fresh`` reads now (GPU activity: ``report_activity``)."""
+        found, rows = await self.run(self._read_all_hosts, fresh)
         if not found:
             return [], tuple(row["down"] for row in rows)
         own = await self.run(self.own_host)
-        snap = await self.snapshot() if own is not None else None
+        snap = await self.snapshot(fresh) if own is not None else None
         return [(view.name, snap if view.name == own else view.snapshot, view.down)
                 for view in found], ()
 

@@ -120,16 +120,12 @@ class SnapshotCollector:
         busy = GaugeMetricFamily("gpuspawner_device_busy",
                                  "Devices no running container holds with processes or memory "
                                  "in use (never given out)")
-        by_id = {a.container_id: a for a in snap.allocations}
-        for view in snap.devices():
-            users = sorted({by_id[h].user or by_id[h].container_name
-                            for h in view.holders if h in by_id})
-            labels = [view.uuid, view.slot, ",".join(users)]
-            if view.memory_used_mib is not None:
-                memory.add_metric(labels, view.memory_used_mib * 1024 * 1024)
-                processes.add_metric(labels, len(view.processes))
-            if view.idle_seconds is not None:
-                idle.add_metric(labels, view.idle_seconds)
+        for labels, used, count, idle_seconds in device_activity(snap):
+            if used is not None:
+                memory.add_metric(labels, used)
+                processes.add_metric(labels, count)
+            if idle_seconds is not None:
+                idle.add_metric(labels, idle_seconds)
         busy.add_metric([], len(snap.busy()))
         yield memory
         yield processes
@@ -194,6 +190,25 @@ class SnapshotCollector:
         yield refused
 
 
+def device_activity(
+    snap: Snapshot,
+) -> list[tuple[list[str], float | None, int, float | None]]:
+    """Per device: its labels (uuid, slot, the users holding it), memory in use in bytes
+    and compute processes (None: the driver reports no memory for it, so it is left out,
+    not shown as 0), and its idle seconds (None: no clock). One rule for the hub's own
+    engine's metrics and every host's."""
+    by_id = {a.container_id: a for a in snap.allocations}
+    rows = []
+    for view in snap.devices():
+        users = sorted({by_id[h].user or by_id[h].container_name
+                        for h in view.holders if h in by_id})
+        used = (None if view.memory_used_mib is None
+                else float(view.memory_used_mib * 1024 * 1024))
+        rows.append(([view.uuid, view.slot, ",".join(users)], used, len(view.processes),
+                     view.idle_seconds))
+    return rows
+
+
 def slot_counts(snap: Snapshot) -> dict[tuple[str, str], tuple[int, int]]:
     """(GPU index, profile) -> (devices, devices held) of one host, sorted: what the slot
     metrics say (a whole GPU with MIG off is one device of profile ``gpu``)."""
@@ -238,6 +253,18 @@ class HostsCollector:
         equivalents = GaugeMetricFamily("gpuspawner_host_user_gpu_equivalents",
                                         "GPU-equivalents held per host and user",
                                         labels=["host", "user"])
+        per_device = ["host", "device", "slot", "user"]
+        memory = GaugeMetricFamily("gpuspawner_host_device_memory_used_bytes",
+                                   "GPU memory in use on each device, per host (a remote "
+                                   "host's as its last probe read it)", labels=per_device)
+        processes = GaugeMetricFamily("gpuspawner_host_device_processes",
+                                      "Compute processes on each device, per host",
+                                      labels=per_device)
+        idle = GaugeMetricFamily("gpuspawner_host_device_idle_seconds",
+                                 "Seconds since a compute process last ran on each device, "
+                                 "per host (0 while one runs; counted from the admin "
+                                 "service's start, or the host's return, at most)",
+                                 labels=per_device)
         views, rows = self.read_hosts()
         for row in rows:
             up.add_metric([row["name"]], 1.0 if row["up"] else 0.0)
@@ -255,7 +282,13 @@ class HostsCollector:
                             and (a.uuids or a.slots or a.gpu_count)})
             for user in users:
                 equivalents.add_metric([view.name, user], snap.usage(user))
-        yield from (up, free, slots, used, equivalents)
+            for labels, in_use, count, idle_seconds in device_activity(snap):
+                if in_use is not None:
+                    memory.add_metric([view.name, *labels], in_use)
+                    processes.add_metric([view.name, *labels], count)
+                if idle_seconds is not None:
+                    idle.add_metric([view.name, *labels], idle_seconds)
+        yield from (up, free, slots, used, equivalents, memory, processes, idle)
 
 
 def registry(

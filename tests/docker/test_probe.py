@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import docker.types
 import pytest
 
 from gpuspawner import inventory, probe
@@ -41,6 +42,33 @@ def test_the_probe_reads_what_nvml_reads_and_leaves_nothing(
     again = probe.read(engine.client, base_image, "e2e")
     assert {m.uuid for m in again.migs} == set(gpusim.mig_uuids())
     assert not {m.uuid for m in again.migs} & set(migs)
+    assert _probes(engine) == []
+
+
+def test_only_the_probe_in_the_hosts_pid_namespace_sees_a_servers_processes(
+    engine: Any, gpusim: Any, base_image: str
+) -> None:
+    """The driver names compute processes by host pid, so ``nvidia-smi`` in a container's own
+    PID namespace lists none, even on the container's own device, while its memory in use
+    shows; the probe runs with ``--pid=host`` and sees every one (GPU activity comes from it)."""
+    mig = gpusim.mig_uuids()[1]
+    pid = gpusim.start_process(mig, 3000)
+    holder = engine.client.containers.run(
+        base_image, ["sleep", "300"], detach=True, device_requests=[
+            docker.types.DeviceRequest(driver="nvidia", device_ids=[mig],
+                                       capabilities=[["gpu", "utility"]])])
+    try:
+        listing = holder.exec_run(["nvidia-smi", "-L"]).output.decode()
+        report = holder.exec_run(["nvidia-smi", "-q", "-x"])
+        assert report.exit_code == 0, report.output[-500:]
+        inside = inventory.parse_nvidia_smi_xml(listing, report.output.decode())
+        [own] = inside.migs
+        assert own.uuid == mig and own.processes == () and own.memory_used_mib == 3000
+        found = probe.read(engine.client, base_image, "e2e")
+        assert [(p.pid, p.used_mib) for p in found.by_uuid()[mig].processes] == [(pid, 3000)]
+        assert engine.client.api.inspect_container(holder.id)["HostConfig"]["PidMode"] == ""
+    finally:
+        holder.remove(force=True)
     assert _probes(engine) == []
 
 

@@ -411,6 +411,61 @@ def test_the_admin_page_its_api_and_metrics_show_every_host_and_one_down(
     cpu.start()
 
 
+def test_gpu_work_on_another_host_keeps_its_server_and_an_idle_one_there_is_stopped(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    """GPU activity on a host the hub reaches only through its engine: bo computes on his
+    gpu2 slice, ann does nothing on hers. The admin service reads gpu2's processes through
+    its probe every round: bo's slice shows one process and no idle time in the metrics, and
+    ann's server is stopped past ``gpu_idle_timeout`` (logged with its host), bo's is not."""
+    from .test_admin import policy
+
+    tokens = Tokens()
+    both = hosts_config(engine, far_engine, None)
+    hosts = {"gpu2": both["gpu2"], "gpu1": both["gpu1"]}  # pack: the first host on a tie
+    hub = make_hub(
+        config_extra=policy(tmp_path, "defaults: {gpu_idle_timeout: 12s}\n")
+        + admin_config(tokens, before=f"c.GPUSpawner.hosts = {hosts!r}\n"),
+        env_extra={"GPUSPAWNER_ADMIN_ACTIVITY_INTERVAL": "1s"})
+    engines = {"gpu1": engine, "gpu2": far_engine}
+    hub.spawn("bo", "mig-1g")
+    host, bo = where("bo", engines)
+    assert host == "gpu2"
+    [bo_slice] = bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
+    far.start_process(bo_slice, 4000)
+    hub.spawn("ann", "mig-1g")
+    host, ann = where("ann", engines)
+    assert host == "gpu2"
+    [ann_slice] = ann.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
+
+    def metric(name: str, device: str, user: str) -> float | None:
+        scraped = with_token(hub, tokens.prometheus, "metrics").text
+        found = re.search(rf'{name}\{{device="{device}",host="gpu2",slot="[^"]+",'
+                          rf'user="{user}"\}} ([0-9.e+]+)', scraped)
+        return float(found.group(1)) if found else None
+
+    deadline = time.monotonic() + 60
+    while metric("gpuspawner_host_device_processes", bo_slice, "bo") != 1.0:
+        assert time.monotonic() < deadline, "bo's process on gpu2 never showed"
+        time.sleep(0.5)
+    assert metric("gpuspawner_host_device_processes", ann_slice, "ann") == 0.0
+    assert metric("gpuspawner_host_device_memory_used_bytes", bo_slice, "bo") == 4000 * 2**20
+    bo_idle = metric("gpuspawner_host_device_idle_seconds", bo_slice, "bo")
+    assert bo_idle is not None and bo_idle < 5, bo_idle  # the probe's age at most
+    while hub.server_model("ann") is not None:
+        assert time.monotonic() < deadline, "ann's idle GPU server on gpu2 was never stopped"
+        time.sleep(1)
+    [stop] = [e for e in hub.events() if e["event"] == "gpu.idle-stop"]
+    assert (stop["user"], stop["host"], stop["timeout"]) == ("ann", "gpu2", 12)
+    assert stop["idle"] >= 12
+    assert hub.server_model("bo") is not None
+    bo.reload()
+    assert bo.status == "running" and answers(hub, "bo")
+    ann.reload()
+    assert ann.status == "exited"  # stopped, not removed: her files are in it
+
+
 def test_an_admin_releases_a_hold_on_another_host_and_the_server_comes_back_there(
     make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
     far_engine: PrivateEngine, tmp_path: Path,

@@ -188,6 +188,41 @@ def test_the_idle_clock_counts_from_the_last_work_and_restarts_with_a_new_holder
     assert uuid not in seen
 
 
+def test_work_read_by_an_earlier_probe_counts_from_the_probe_never_from_the_read():
+    """``note_work(..., at)``: a remote host's activity comes from a probe that may be older
+    than the read it serves. A process it listed counts from the probe's moment; an older
+    probe reused by later reads never moves the clock back; a new holder still counts from
+    the read that first shows it (its own time, not the probe's)."""
+    from datetime import timedelta
+
+    from gpuspawner.admin.activity import note_work
+
+    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+    ann = holding(one, "ann")
+    uuid = one.uuids[0]
+    quiet = with_activity(A100, {m.uuid for m in A100.migs} | {g.uuid for g in A100.gpus},
+                          processes=(), used=0)
+    working = with_activity(quiet, {uuid})
+    t0 = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
+
+    def read(minutes: float, inventory=quiet, allocations=(ann,)):
+        return replace(snap(inventory, allocations), taken_at=t0 + timedelta(minutes=minutes))
+
+    seen: dict = {}
+    assert note_work(read(0), seen)[uuid] == t0
+    probed = t0 + timedelta(minutes=9)
+    assert note_work(read(10, working), seen, at=probed)[uuid] == probed
+    assert note_work(read(11, working), seen, at=probed)[uuid] == probed  # the same probe
+    assert note_work(read(12, working), seen,
+                     at=t0 + timedelta(minutes=8))[uuid] == probed  # never back
+    two = choose(A100, [], limits(), Request("bo", mig_profile="1g.10gb"))
+    bo = holding(two, "bo")
+    assert note_work(read(20, working, (bo,)), seen, at=probed)[uuid] == t0 + timedelta(
+        minutes=20)  # a new holder: from the read that shows it
+    assert note_work(read(30, working, (bo,)), seen,
+                     at=t0 + timedelta(minutes=40))[uuid] == t0 + timedelta(minutes=30)
+
+
 def test_the_next_spawn_page_says_why_the_server_was_stopped():
     from gpuspawner import events
 
