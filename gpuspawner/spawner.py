@@ -9,6 +9,7 @@ record, so a hub restart loses nothing and a second hub on the same engine sees 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 import time
@@ -201,6 +202,38 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self._ledgers[key] = Ledger(client, start_timeout=self.start_timeout, logger=self.log)
         return self._ledgers[key]
 
+    def _user_lock(self) -> asyncio.Lock | contextlib.nullcontext[None]:
+        """This user's lock on a hub of several hosts (``_user_locks``); on one host the
+        host's lock alone makes the limits exact."""
+        if not self.hosts:
+            return contextlib.nullcontext()
+        return self._user_locks.setdefault(self.user.name, asyncio.Lock())
+
+    async def _user_elsewhere(self) -> tuple[Any, ...]:
+        """Under this user's lock: what the user holds on the hub's other hosts
+        (``spawnplan.held_elsewhere``), each host as read when the host was chosen, or read
+        again now when a spawn of the user made or started a container there since that
+        read began (it planned before this one took the lock, and the read may not show it)."""
+        if not self._views:
+            return ()
+        made = self._user_made.get(self.user.name, {})
+        views = dict(self._views)
+        for name in views:
+            if name != self.host_name and made.get(name, 0.0) > self._views_at.get(name, 0.0):
+                began = time.monotonic()
+                try:
+                    views[name] = await self._run(self._snapshot_of, name, "",
+                                                  self.STOPPED_MAX_AGE)
+                except (LedgerError, docker.errors.DockerException, *_TRANSIENT) as exc:
+                    # Gone since it was chosen: what the earlier read showed still counts.
+                    self.log.warning("%s: host %s could not be read again for the user's "
+                                     "limits: %s", self._log_name, name, exc)
+                    continue
+                self._views = {**self._views, name: views[name]}
+                self._views_at = {**self._views_at, name: began}
+        return spawnplan.held_elsewhere(views, self.host_name or "", self.hub_id,
+                                        self.user.name, self.name)
+
     def _lock(self) -> asyncio.Lock:
         key = self.host_name or ""
         if key not in self._allocation_locks:
@@ -212,8 +245,19 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
     #: The host (of ``hosts``) this server's container is on or is being made on, kept in
     #: the hub's state; None on a one-host hub.
     host_name: str | None = None
-    #: The last read of every host answering (name -> snapshot), from the choice of a host.
+    #: The last read of every host answering (name -> snapshot), from the choice of a host,
+    #: and when each read began (``time.monotonic``).
     _views: dict[str, Snapshot] = {}  # noqa: RUF012 - replaced, never changed in place
+    _views_at: dict[str, float] = {}  # noqa: RUF012 - replaced, never changed in place
+    #: One lock per user of this hub process, held around the host lock by the plans of a
+    #: hub of several hosts: two spawns of one user on two hosts plan one after the other,
+    #: so the user's limits count across hosts exactly (``_user_elsewhere``). Spawns of
+    #: different users never wait for each other on it.
+    _user_locks: ClassVar[dict[str, asyncio.Lock]] = {}
+    #: User -> host -> when this hub last made or started a container of theirs there
+    #: (``time.monotonic``, under the locks): a host whose read began before that is read
+    #: again by the user's next plan on another host.
+    _user_made: ClassVar[dict[str, dict[str, float]]] = {}
     _host_readers: ClassVar[dict[tuple[hosts.Host, str], hosts.HostReader]] = {}
     #: This hub's spawns on their way to a host: spawner -> (host, GPU-equivalents or one
     #: CPU server, when its container was made or None). The choice of a host counts each
@@ -494,6 +538,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
         self._move_from = None
         views, down = await self._read_hosts()
         self._views = views
+        self._views_at = dict.fromkeys(views, read_at)
         home = await self._home(views, down)
         if home is not None:
             if home in down:
@@ -1017,14 +1062,13 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                 if self.object_id:  # the server's own container is read afresh, always
                     self.ledger.forget(self.object_id)
                 next_host = False
-                async with self._lock():
+                async with self._user_lock(), self._lock():
+                    elsewhere = await self._user_elsewhere()
                     self._planned_ns = time.time_ns()
                     snap = spawnplan.with_starting(
                         await self.snapshot(stopped_max_age=self.STOPPED_MAX_AGE),
                         self._starting)
-                    snap = spawnplan.with_elsewhere(snap, spawnplan.held_elsewhere(
-                        self._views, self.host_name or "", self.hub_id, self.user.name,
-                        self.name))
+                    snap = spawnplan.with_elsewhere(snap, elsewhere)
                     request = await self._spawn_request(profile, wanted_ports)
                     result = spawnplan.plan(snap, request, self._port_free, limits)
                     full = isinstance(result, Refusal) and result.code == allocator.FULL
@@ -1037,6 +1081,9 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                         self._plan = await self._carry_out(result)  # raises a refusal
                         self._mark_starting(snap)
                         self._on_its_way(made=True)
+                        if self.host_name is not None:
+                            self._user_made.setdefault(self.user.name, {})[
+                                self.host_name] = time.monotonic()
                 if next_host:
                     self.host_name = candidates.pop(0)
                     self._on_its_way()

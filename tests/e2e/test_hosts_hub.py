@@ -261,6 +261,46 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
     assert len(devices) == 21 and len({d for _, d in devices}) == 21, devices
 
 
+def test_two_servers_of_one_user_started_at_once_on_two_hosts_keep_her_limit(
+    make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
+    far_engine: PrivateEngine, tmp_path: Path,
+) -> None:
+    """ann may hold 0.2 GPU-equivalents (one 1g.10gb slice is 1/7) and presses Start on two
+    named servers at once. With ``spread`` the second goes to the other host (the first is
+    counted on its way), where the read chosen from shows nothing of hers: her plans take
+    her lock in turn, and the later one reads the first one's host again. One server runs,
+    the other is refused by her limit naming its host, and the engines hold one device of
+    hers."""
+    from .test_admin import policy
+
+    hosts = hosts_config(engine, far_engine, None)
+    hub = make_hub(config_extra=policy(tmp_path, "defaults: {max_gpu_equivalents: 0.2}\n")
+                   + f"c.GPUSpawner.hosts = {hosts!r}\n"
+                   + 'c.GPUSpawner.allocation_strategy = "spread"\n')
+    hub.ensure_user("ann")
+
+    def press_start(server: str) -> tuple[str, int, str]:
+        try:
+            response = hub.spawn("ann", "mig-1g", server=server, timeout=180)
+            return server, response.status_code, response.text
+        except HubError as exc:
+            return server, 599, str(exc)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(press_start, ["a", "b"]))
+    started = [r for r in results if r[1] in (201, 202)]
+    assert len(started) == 1, results
+    [(_server, _code, said)] = [r for r in results if r not in started]
+    held_by_ann = [(name, c) for name, e in {"gpu1": engine, "gpu2": far_engine}.items()
+                   for c in e.client.containers.list(filters={"label": "ds01.user=ann"})
+                   if c.attrs["HostConfig"].get("DeviceRequests")]
+    assert len(held_by_ann) == 1, held_by_ann
+    [(runs_on, _container)] = held_by_ann
+    other = "gpu2" if runs_on == "gpu1" else "gpu1"
+    assert f"On host {other}: this needs 0.14 GPU-equivalents and you already hold 0.14" \
+        in said, said
+
+
 def test_pack_fills_the_busiest_host_first(
     make_hub: MakeHub, engine: PrivateEngine, gpusim: Any, far: Simulator,
     far_engine: PrivateEngine,
