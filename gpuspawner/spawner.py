@@ -1512,7 +1512,25 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
                                  lambda words: self._progress(20, words))
 
     async def stop(self, now: bool = False):
-        await super().stop(now=now)
+        try:
+            await super().stop(now=now)
+        except (docker.errors.DockerException, LedgerError, *_TRANSIENT) as exc:
+            if isinstance(exc, docker.errors.APIError):
+                raise  # the engine answered: its word stands
+            # The engine does not answer. The Hub forgets the server whatever stop() says
+            # (and its API answers the user 204 all the same); the container stays on its
+            # host as Docker left it, and the server's next start finds it there (``_home``)
+            # once the host answers. The admin reads it on the Events page.
+            self._reconnect()
+            self.event_log.write(events.CONTAINER_STOP, user=self.user.name, server=self.name,
+                                 container=self.object_name, failed=str(exc),
+                                 **({"host": self.host_name} if self.host_name else {}))
+            where = (f"host {self.host_name}" if self.hosts and self.host_name
+                     else "the Docker engine")
+            self.log.warning("%s could not be stopped: %s does not answer (%s). Its container "
+                             "stays there as Docker left it; its next start finds it.",
+                             self._log_name, where, exc)
+            return
         if self.object_id:
             self.ledger.forget(self.object_id)
         self.event_log.write(events.CONTAINER_STOP, user=self.user.name, server=self.name,

@@ -248,6 +248,15 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
     host_late, _ = where("late", {"gpu1": engine})
     assert host_late == "gpu1"
     assert all(answers(hub, user) for user in users if user not in on_far)
+    # A user presses Stop meanwhile: the Hub forgets the server whatever its spawner says
+    # (its API answers 204); the log says the stop did not reach gpu2, and the next start
+    # (below, once gpu2 is back) finds the same container there.
+    stopper = next(iter(on_far))
+    assert hub.stop_server(stopper).status_code == 204
+    assert hub.server_model(stopper) is None
+    [failed] = [e for e in hub.events() if e["event"] == "container.stop"
+                and e["user"] == stopper]
+    assert failed["host"] == "gpu2" and "host gpu2" in failed["failed"], failed
     far_engine.start()
     for user, container in on_far.items():
         hub.stop_server(user)  # the Hub learns what Docker says: it exited with its engine
