@@ -209,6 +209,7 @@ class HostReader:
         probe_ttl: float = PROBE_TTL,
         clock: Callable[[], float] = time.monotonic,
         busy_memory_mib: int = 0,
+        own_snapshot: Callable[[bool], Snapshot] | None = None,
     ) -> None:
         self.host = host
         self.image = image
@@ -220,6 +221,11 @@ class HostReader:
         self.busy_memory_mib = busy_memory_mib
         self.probe_ttl = probe_ttl
         self.clock = clock
+        #: The hub's own host, read by the caller's own snapshot (``fresh`` after
+        #: ``invalidate``): the admin service keeps one of its own engine, and reading the
+        #: engine again for the read of every host would double its work.
+        self.own_snapshot = own_snapshot
+        self._fresh = False
         self._lock = threading.Lock()
         self._client: docker.DockerClient | None = None
         self._ledger: Ledger | None = None
@@ -228,9 +234,11 @@ class HostReader:
         self._pending: Future[Snapshot] | None = None
 
     def invalidate(self) -> None:
-        """Forget the probed GPUs: the next read runs the probe again."""
+        """Forget the probed GPUs: the next read runs the probe again (the own snapshot's
+        next read is fresh)."""
         with self._lock:
             self._probed = None
+            self._fresh = True
 
     def _engine(self) -> tuple[docker.DockerClient, Ledger]:
         with self._lock:
@@ -293,6 +301,10 @@ class HostReader:
         """Docker's containers of this host, then its GPUs (``snapshot.take``, whose
         arguments the others are)."""
         try:
+            if self.own_snapshot is not None and not live and not stopped_max_age:
+                with self._lock:
+                    fresh, self._fresh = self._fresh, False
+                return self.own_snapshot(fresh)
             _client, ledger = self._engine()
             return take(self.inventory, ledger, policy or self.policy(), hub_id=self.hub_id,
                         live=live, stopped_max_age=stopped_max_age,
@@ -326,13 +338,18 @@ def readers(
     own: str | None = None,
     local_inventory: Callable[[], Inventory] | None = None,
     busy_memory_mib: int = 0,
+    own_snapshot: Callable[[bool], Snapshot] | None = None,
 ) -> list[HostReader]:
     """One reader per host; the host whose endpoint is ``own`` (the reader's own engine)
-    reads its GPUs through ``local_inventory`` (NVML), the others through their probe."""
+    reads its GPUs through ``local_inventory`` (NVML), the others through their probe; with
+    ``own_snapshot``, the own host's reads are that (``HostReader.own_snapshot``)."""
+    def is_own(host: Host) -> bool:
+        return own is not None and same_endpoint(host.url, own)
+
     return [HostReader(host, image=image, hub_id=hub_id, policy=policy,
                        start_timeout=start_timeout, busy_memory_mib=busy_memory_mib,
-                       local_inventory=(local_inventory if own is not None
-                                        and same_endpoint(host.url, own) else None))
+                       local_inventory=local_inventory if is_own(host) else None,
+                       own_snapshot=own_snapshot if is_own(host) else None)
             for host in found]
 
 

@@ -318,6 +318,8 @@ class Admin:
             if view.snapshot is None:
                 self._host_work_seen.pop(view.name, None)
                 return view
+            if reader.own_snapshot is not None:
+                return view  # the service's own snapshot (``take``): its clocks are on it
             seen = (self._work_seen if reader.local_inventory is not None
                     else self._host_work_seen.setdefault(view.name, {}))
             since = activity.note_work(view.snapshot, seen, reader.activity_at())
@@ -365,16 +367,14 @@ class Admin:
         self, fresh: bool = False,
     ) -> tuple[list[tuple[str, Snapshot | None, str]], tuple[str, ...]]:
         """Every host of the hub as (name, snapshot or None, why it is down), the hub's own
-        engine's from the snapshot that keeps GPU activity; and, when the ``hosts`` setting
+        engine's from the service's own snapshot (``take``, which keeps GPU activity: read
+        once, not again for the read of every host); and, when the ``hosts`` setting
         itself cannot be read, no host and why. One read of all hosts serves every page for
         ``HOSTS_MAX_AGE``; ``fresh`` reads now (GPU activity: ``report_activity``)."""
         found, rows = await self.run(self._read_all_hosts, fresh)
         if not found:
             return [], tuple(row["down"] for row in rows)
-        own = await self.run(self.own_host)
-        snap = await self.snapshot(fresh) if own is not None else None
-        return [(view.name, snap if view.name == own else view.snapshot, view.down)
-                for view in found], ()
+        return [(view.name, view.snapshot, view.down) for view in found], ()
 
     async def _readings(self) -> list[tuple[str | None, Snapshot | None]]:
         """The own engine's snapshot (host None), or every host's (None for one that does
@@ -404,7 +404,7 @@ class Admin:
                 policy=self.world.policy, start_timeout=self.settings.start_timeout,
                 own=hosts.own_endpoint(self.settings.docker_host),
                 local_inventory=self.world.read_inventory,
-                busy_memory_mib=self.settings.busy_memory_mib)
+                busy_memory_mib=self.settings.busy_memory_mib, own_snapshot=self.take)
             self._host_pool = ThreadPoolExecutor(len(found), thread_name_prefix="gpuadmin-host")
         return self._host_readers
 

@@ -225,6 +225,45 @@ def test_the_admin_service_logs_each_conflict_once(tmp_path: Path):
     assert [e["uuid"] for e in logged()] == [MIG00, GPU1, MIG00]
 
 
+class CountingWorld(FakeWorld):
+    """A world that counts its reads and what ``Admin._readers`` asks of it."""
+
+    def __init__(self, current: Snapshot) -> None:
+        super().__init__(current)
+        self.reads: list[bool] = []
+
+    def snapshot(self, fresh: bool = False) -> Snapshot:
+        self.reads.append(fresh)
+        return self.current
+
+    def policy(self) -> Policy:
+        return Policy.default()
+
+    def read_inventory(self) -> Any:
+        return HOST
+
+
+def test_the_read_of_every_host_reads_the_services_own_engine_through_its_own_snapshot(
+    tmp_path: Path,
+):
+    """On a hub of several hosts the service's own engine is read once per refresh, by its
+    own snapshot (which keeps GPU activity), never a second time for the read of every
+    host: the own engine's socket here does not exist, so any other read would fail."""
+    nowhere = f"unix://{tmp_path}/no-docker.sock"
+    world = CountingWorld(snap(ours((MIG00,), user="ann")))
+    service = Admin(Settings(events=str(tmp_path / "events.jsonl"), hub_id=HUB,
+                             docker_host=nowhere, hosts=json.dumps({"gpu1": nowhere})),
+                    world, hub=None)  # type: ignore[arg-type]
+    found, rows = service._read_all_hosts()
+    assert [(v.name, v.up) for v in found] == [("gpu1", True)], rows
+    assert [a.user for a in found[0].snapshot.allocations] == ["ann"]
+    assert world.reads == [False]
+    service._read_all_hosts()  # within HOSTS_MAX_AGE: the same read
+    assert world.reads == [False]
+    service._read_all_hosts(fresh=True)  # an activity round: read now
+    assert world.reads == [False, True]
+
+
 def test_a_label_disagreeing_with_the_device_requests_is_shown_checked_and_logged_once(
     tmp_path: Path,
 ):
