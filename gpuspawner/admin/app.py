@@ -77,6 +77,16 @@ class Access(JSONRecord):
     metrics: bool
 
 
+def _kind(kind: str, host: str) -> str:
+    """The key of a kind of problem seen on ``host`` ("" : the service's own engine)."""
+    return f"{kind}@{host}" if host else kind
+
+
+def _on(host: str) -> dict[str, str]:
+    """``host`` for an event about another host of the hub; nothing for the own engine."""
+    return {"host": host} if host else {}
+
+
 def access_of(model: dict[str, Any], access_scopes: set[str]) -> Access:
     """The rule of this module's docstring, on a Hub user/service model (pure)."""
     scopes = set(model.get("scopes") or ())
@@ -213,9 +223,7 @@ class Admin:
         snap = self.world.snapshot(fresh)
         with self._seen_lock:
             snap = replace(snap, work_since=activity.note_work(snap, self._work_seen))
-        self.note_conflicts(snap)
-        self.note_disagreements(snap)
-        self.note_busy(snap)
+        self.note_problems(snap)
         return snap
 
     def _first_seen(self, kind: str, current: set[Any]) -> set[Any]:
@@ -229,11 +237,20 @@ class Admin:
             self._seen[kind] = current
         return new
 
-    def note_conflicts(self, snap: Snapshot) -> None:
+    def note_problems(self, snap: Snapshot, host: str = "") -> None:
+        """Log what is wrong in one read, each problem once: conflicts, containers whose
+        labels disagree with Docker, busy devices. ``host``: another host of the hub (its
+        problems are kept apart from the own engine's and named with it)."""
+        self.note_conflicts(snap, host)
+        self.note_disagreements(snap, host)
+        self.note_busy(snap, host)
+
+    def note_conflicts(self, snap: Snapshot, host: str = "") -> None:
         """Write ``gpu.conflict`` once for each conflict this service has not seen yet."""
         found = snap.conflicts()
-        new = self._first_seen("conflict", {(uuid, tuple(a.container_id for a in holders))
-                                            for uuid, holders in found.items()})
+        new = self._first_seen(_kind("conflict", host),
+                               {(uuid, tuple(a.container_id for a in holders))
+                                for uuid, holders in found.items()})
         if not new:
             return
         devices = snap.inventory.by_uuid()
@@ -245,32 +262,34 @@ class Admin:
             self.event_log.write(
                 events.GPU_CONFLICT, uuid=uuid, slot=slot, containers=names,
                 container_ids=list(ids), users=[a.user for a in holders],
-                hubs=[a.hub for a in holders], via="admin-page",
+                hubs=[a.hub for a in holders], via="admin-page", **_on(host),
             )
-            log.warning("device %s (%s) is held by %d running containers: %s", slot, uuid,
-                        len(names), ", ".join(names))
+            log.warning("device %s (%s)%s is held by %d running containers: %s", slot, uuid,
+                        f" on host {host}" if host else "", len(names), ", ".join(names))
 
-    def note_busy(self, snap: Snapshot) -> None:
+    def note_busy(self, snap: Snapshot, host: str = "") -> None:
         """Write ``gpu.busy`` once for each device that became busy (processes or memory in
         use, no running container holds it)."""
         found = snap.busy()
         devices = snap.inventory.by_uuid()
-        for uuid in sorted(self._first_seen("busy", set(found))):
+        for uuid in sorted(self._first_seen(_kind("busy", host), set(found))):
             device = devices[uuid]
             self.event_log.write(events.GPU_BUSY, uuid=uuid, slot=device.slot,
                                  reason=found[uuid], memory_used_mib=device.memory_used_mib,
-                                 pids=[p.pid for p in device.processes], via="admin-page")
-            log.warning("device %s (%s) is %s", device.slot, uuid, found[uuid])
+                                 pids=[p.pid for p in device.processes], via="admin-page",
+                                 **_on(host))
+            log.warning("device %s (%s)%s is %s", device.slot, uuid,
+                        f" on host {host}" if host else "", found[uuid])
 
-    def note_disagreements(self, snap: Snapshot) -> None:
+    def note_disagreements(self, snap: Snapshot, host: str = "") -> None:
         """Write ``gpu.disagree`` once for each container whose labels and device requests
         name different devices."""
         found = {a.container_id: a for a in snap.disagreements()}
-        for cid in sorted(self._first_seen("disagree", set(found))):
+        for cid in sorted(self._first_seen(_kind("disagree", host), set(found))):
             a = found[cid]
             self.event_log.write(events.GPU_DISAGREE, container=a.container_name, user=a.user,
                                  hub=a.hub, devices=list(a.uuids), reason=a.disagreement,
-                                 via="admin-page")
+                                 via="admin-page", **_on(host))
 
     #: Seconds one read of every host serves pages, API calls and scrapes.
     HOSTS_MAX_AGE = 2.0
@@ -311,18 +330,20 @@ class Admin:
             return found, rows
 
     def _with_work(self, view: hosts.HostView, reader: hosts.HostReader) -> hosts.HostView:
-        """The host's snapshot with its devices' idle clocks, kept per host (the hub's own
-        engine shares the clocks of this service's own snapshots); a host that does not
-        answer loses its clocks, which start again from its next read."""
+        """Another host's snapshot with its devices' idle clocks, kept per host, and its
+        problems logged (``note_problems``); the hub's own engine's is the service's own
+        snapshot, which has both already. A host that does not answer loses its clocks,
+        which start again from its next read."""
         with self._seen_lock:
             if view.snapshot is None:
                 self._host_work_seen.pop(view.name, None)
                 return view
             if reader.own_snapshot is not None:
                 return view  # the service's own snapshot (``take``): its clocks are on it
-            seen = (self._work_seen if reader.local_inventory is not None
-                    else self._host_work_seen.setdefault(view.name, {}))
-            since = activity.note_work(view.snapshot, seen, reader.activity_at())
+            since = activity.note_work(view.snapshot,
+                                       self._host_work_seen.setdefault(view.name, {}),
+                                       reader.activity_at())
+        self.note_problems(view.snapshot, view.name)
         return replace(view, snapshot=replace(view.snapshot, work_since=since))
 
     def release(self, container_id: str, host: str = "") -> Allocation:

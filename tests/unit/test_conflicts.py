@@ -264,6 +264,20 @@ def test_the_read_of_every_host_reads_the_services_own_engine_through_its_own_sn
     assert world.reads == [False, True]
 
 
+def test_a_conflict_on_another_host_is_logged_once_with_its_host(tmp_path: Path):
+    """The same problem seen on two hosts' reads is two problems (each host's own), each
+    logged once and naming its host; the own engine's lines name none."""
+    log = tmp_path / "events.jsonl"
+    first, second = ours((MIG00,), user="ann", minutes_ago=2), outside((MIG00,))
+    service = Admin(Settings(events=str(log), hub_id=HUB), FakeWorld(snap(first, second)),
+                    hub=None)  # type: ignore[arg-type]
+    for _ in range(3):
+        service.note_problems(snap(first, second), "gpu2")
+        service.take()
+    logged = [e for e in events.tail(log, 100) if e["event"] == events.GPU_CONFLICT]
+    assert sorted(e.get("host", "") for e in logged) == ["", "gpu2"], logged
+
+
 def test_a_label_disagreeing_with_the_device_requests_is_shown_checked_and_logged_once(
     tmp_path: Path,
 ):
