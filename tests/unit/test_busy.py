@@ -6,7 +6,7 @@ the snapshot, the form counts and ``doctor`` say of them."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from gpuspawner import allocator, health
 from gpuspawner.allocator import Choice, Refusal, choose, free_by_profile
@@ -153,38 +153,50 @@ def test_idle_stops_count_from_the_last_gpu_work_and_follow_the_policy():
     assert idle_stops(gone, last, 9000.0, groups) == [] and ann.container_id not in last
 
 
+T0 = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
+
+
+class OneSlice:
+    """ann holds one 1g.10gb slice of A100, whose devices all report activity: nothing runs
+    (``quiet``) or a process runs on ann's slice (``working``); ``bo`` holds that same slice
+    after her. ``read(minutes, ...)`` is a snapshot taken that many minutes after ``T0``."""
+
+    def __init__(self) -> None:
+        one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
+        self.ann = holding(one, "ann")
+        self.uuid = one.uuids[0]
+        self.quiet = with_activity(
+            A100, {m.uuid for m in A100.migs} | {g.uuid for g in A100.gpus},
+            processes=(), used=0)
+        self.working = with_activity(self.quiet, {self.uuid})
+        two = choose(A100, [], limits(), Request("bo", mig_profile="1g.10gb"))
+        assert two.uuids[0] == self.uuid  # the same slice, bo's once ann is gone
+        self.bo = holding(two, "bo")
+
+    def read(self, minutes: float, inventory=None, allocations=None) -> Snapshot:
+        return replace(snap(self.quiet if inventory is None else inventory,
+                            (self.ann,) if allocations is None else allocations),
+                       taken_at=T0 + timedelta(minutes=minutes))
+
+
 def test_the_idle_clock_counts_from_the_last_work_and_restarts_with_a_new_holder():
     """``note_work``: a device's idle time runs from the last read that listed a compute
     process on it; a device first seen counts from that read; a new holder starts its own
     clock; an older read arriving late changes nothing; NVML silent: no clock."""
-    from datetime import timedelta
-
     from gpuspawner.admin.activity import note_work
 
-    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
-    ann = holding(one, "ann")
-    uuid = one.uuids[0]
-    quiet = with_activity(A100, {m.uuid for m in A100.migs} | {g.uuid for g in A100.gpus},
-                          processes=(), used=0)
-    working = with_activity(quiet, {uuid})
-    t0 = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
-
-    def at(minutes: float, inventory=quiet, allocations=(ann,)):
-        return replace(snap(inventory, allocations), taken_at=t0 + timedelta(minutes=minutes))
-
+    scene = OneSlice()
+    uuid, at = scene.uuid, scene.read
     seen: dict = {}
-    assert note_work(at(0), seen)[uuid] == t0  # first seen: counts from this read
-    assert note_work(at(10, working), seen)[uuid] == t0 + timedelta(minutes=10)
+    assert note_work(at(0), seen)[uuid] == T0  # first seen: counts from this read
+    assert note_work(at(10, scene.working), seen)[uuid] == T0 + timedelta(minutes=10)
     later = at(70)
-    assert note_work(later, seen)[uuid] == t0 + timedelta(minutes=10)
+    assert note_work(later, seen)[uuid] == T0 + timedelta(minutes=10)
     views = {v.uuid: v for v in replace(later, work_since=note_work(later, seen)).devices()}
     assert views[uuid].idle_seconds == 60 * 60
-    assert note_work(at(5), seen)[uuid] == t0 + timedelta(minutes=10)  # late, older read
-    two = choose(A100, [], limits(), Request("bo", mig_profile="1g.10gb"))
-    bo = holding(two, "bo")
-    assert two.uuids[0] == uuid  # the same slice, now bo's
-    assert note_work(at(80, allocations=(bo,)), seen)[uuid] == t0 + timedelta(minutes=80)
-    assert uuid not in note_work(at(90, A100, (bo,)), seen)  # NVML says nothing: no clock
+    assert note_work(at(5), seen)[uuid] == T0 + timedelta(minutes=10)  # late, older read
+    assert note_work(at(80, allocations=(scene.bo,)), seen)[uuid] == T0 + timedelta(minutes=80)
+    assert uuid not in note_work(at(90, A100, (scene.bo,)), seen)  # NVML silent: no clock
     assert uuid not in seen
 
 
@@ -193,34 +205,22 @@ def test_work_read_by_an_earlier_probe_counts_from_the_probe_never_from_the_read
     than the read it serves. A process it listed counts from the probe's moment; an older
     probe reused by later reads never moves the clock back; a new holder still counts from
     the read that first shows it (its own time, not the probe's)."""
-    from datetime import timedelta
-
     from gpuspawner.admin.activity import note_work
 
-    one = choose(A100, [], limits(), Request("ann", mig_profile="1g.10gb"))
-    ann = holding(one, "ann")
-    uuid = one.uuids[0]
-    quiet = with_activity(A100, {m.uuid for m in A100.migs} | {g.uuid for g in A100.gpus},
-                          processes=(), used=0)
-    working = with_activity(quiet, {uuid})
-    t0 = datetime(2026, 11, 29, 9, 0, tzinfo=timezone.utc)
-
-    def read(minutes: float, inventory=quiet, allocations=(ann,)):
-        return replace(snap(inventory, allocations), taken_at=t0 + timedelta(minutes=minutes))
-
+    scene = OneSlice()
+    uuid, read, working = scene.uuid, scene.read, scene.working
     seen: dict = {}
-    assert note_work(read(0), seen)[uuid] == t0
-    probed = t0 + timedelta(minutes=9)
+    assert note_work(read(0), seen)[uuid] == T0
+    probed = T0 + timedelta(minutes=9)
     assert note_work(read(10, working), seen, at=probed)[uuid] == probed
     assert note_work(read(11, working), seen, at=probed)[uuid] == probed  # the same probe
     assert note_work(read(12, working), seen,
-                     at=t0 + timedelta(minutes=8))[uuid] == probed  # never back
-    two = choose(A100, [], limits(), Request("bo", mig_profile="1g.10gb"))
-    bo = holding(two, "bo")
-    assert note_work(read(20, working, (bo,)), seen, at=probed)[uuid] == t0 + timedelta(
+                     at=T0 + timedelta(minutes=8))[uuid] == probed  # never back
+    bo = (scene.bo,)
+    assert note_work(read(20, working, bo), seen, at=probed)[uuid] == T0 + timedelta(
         minutes=20)  # a new holder: from the read that shows it
-    assert note_work(read(30, working, (bo,)), seen,
-                     at=t0 + timedelta(minutes=40))[uuid] == t0 + timedelta(minutes=30)
+    assert note_work(read(30, working, bo), seen,
+                     at=T0 + timedelta(minutes=40))[uuid] == T0 + timedelta(minutes=30)
 
 
 def test_the_next_spawn_page_says_why_the_server_was_stopped():
