@@ -17,29 +17,47 @@ It runs in the host's PID namespace (``--pid=host``). The driver names compute p
 their host pids, and ``nvidia-smi`` lists only those it finds in its own ``/proc``: in a
 container's own namespace the process list is empty, whoever computes (memory in use is
 still shown). The host's processes are what GPU activity (``admin/activity.py``: idle time,
-idle stops, the Hub's ``last_activity``) is read from. The probe runs nothing but
-``nvidia-smi``, from the host's own driver, with no network and no other capability.
+idle stops, the Hub's ``last_activity``) is read from. In the same namespace the probe
+prints each listed process's ``/proc/<pid>/cgroup``, which names its container as on the
+hub's own host (``procs``). The probe runs nothing but the host's ``nvidia-smi``, ``sed``
+and ``cat``, with no network and no other capability.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 import docker
 import docker.errors
 
+from . import procs
 from .inventory import InventoryError, parse_nvidia_smi_xml
-from .records import Inventory
+from .records import GpuProcess, Inventory
 
 log = logging.getLogger(__name__)
 
 #: ``ds01.interface`` of a probe container (not a server: no ``ds01.managed``, no schema).
 INTERFACE = "probe"
-#: Between the two outputs in the probe's log.
+#: Between the outputs in the probe's log: ``-L``, the XML report, each process's cgroup.
 MARK = "=== gpuspawner probe: nvidia-smi -q -x ==="
-COMMAND = ["sh", "-c", f"nvidia-smi -L && echo '{MARK}' && nvidia-smi -q -x"]
+CGROUPS = "=== gpuspawner probe: cgroups ==="
+#: Before each process's cgroup lines.
+PID = "=== pid "
+SCRIPT = f"""nvidia-smi -L || exit $?
+echo '{MARK}'
+report=$(nvidia-smi -q -x) || exit $?
+printf '%s\\n' "$report"
+echo '{CGROUPS}'
+for pid in $(printf '%s\\n' "$report" | sed -n 's:.*<pid>\\([0-9][0-9]*\\)</pid>.*:\\1:p'); do
+  echo "{PID}$pid"
+  cat "/proc/$pid/cgroup" 2>/dev/null
+done
+exit 0
+"""
+COMMAND = ["sh", "-c", SCRIPT]
 #: A probe older than this that is still there was left by a hub that died while it ran.
 STALE_SECONDS = 120.0
 
@@ -49,13 +67,45 @@ def labels(hub_id: str) -> dict[str, str]:
 
 
 def parse_output(text: str) -> Inventory:
-    """The probe's log: ``-L``, the mark, then the XML report (pure)."""
-    listing, mark, report = text.partition(MARK)
+    """The probe's log: ``-L``, the mark, the XML report, then each listed process's cgroup
+    (pure). A process whose cgroup names a Docker container is that container's; one whose
+    cgroup was not printed (it ended meanwhile) has none, never a guess."""
+    listing, mark, rest = text.partition(MARK)
     if not mark:
         first = text.strip().splitlines()[:1]
         raise InventoryError("the GPU probe printed no report"
                              + (f": {first[0]}" if first else ""))
-    return parse_nvidia_smi_xml(listing, report.strip())
+    report, _mark, cgroups = rest.partition(CGROUPS)
+    found = parse_nvidia_smi_xml(listing, report.strip())
+    owners = containers_of(cgroups)
+    if not owners:
+        return found
+
+    def owned(processes: tuple[GpuProcess, ...]) -> tuple[GpuProcess, ...]:
+        return tuple(replace(p, container_id=owners.get(p.pid, p.container_id))
+                     for p in processes)
+
+    return replace(found,
+                   gpus=tuple(replace(g, processes=owned(g.processes)) for g in found.gpus),
+                   migs=tuple(replace(m, processes=owned(m.processes)) for m in found.migs))
+
+
+def containers_of(text: str) -> dict[int, str]:
+    """Pid -> Docker container id, from the probe's cgroup section: a ``=== pid N`` line,
+    then that process's ``/proc/N/cgroup`` (pure)."""
+    sections: dict[int, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith(PID):
+            try:
+                current = sections.setdefault(int(line[len(PID):].strip()), [])
+            except ValueError:
+                current = None
+        elif current is not None:
+            current.append(line)
+    owners = {pid: procs.container_id_from_cgroup("\n".join(lines))
+              for pid, lines in sections.items()}
+    return {pid: cid for pid, cid in owners.items() if cid is not None}
 
 
 def _remove_stale(client: Any, hub_id: str, now: datetime) -> None:

@@ -13,7 +13,9 @@ import pytest
 
 from gpuspawner import inventory, probe
 from gpuspawner.inventory import InventoryError
+from gpuspawner.records import GpuProcess
 
+from ..engine import start_sleeper
 from ..gpusim import load_fake_nvml
 from ..unit.test_inventory_smi_xml import view
 
@@ -50,9 +52,11 @@ def test_only_the_probe_in_the_hosts_pid_namespace_sees_a_servers_processes(
 ) -> None:
     """The driver names compute processes by host pid, so ``nvidia-smi`` in a container's own
     PID namespace lists none, even on the container's own device, while its memory in use
-    shows; the probe runs with ``--pid=host`` and sees every one (GPU activity comes from it)."""
+    shows; the probe runs with ``--pid=host``, sees every one, and names the container each
+    runs in from its cgroup (GPU activity on a remote host comes from it)."""
     mig = gpusim.mig_uuids()[1]
-    pid = gpusim.start_process(mig, 3000)
+    # The fake nvidia-smi in a container reports the host as of the container's start.
+    outside = gpusim.start_process(mig, 3000)  # a pid of no process here: no container
     holder = engine.client.containers.run(
         base_image, ["sleep", "300"], detach=True, device_requests=[
             docker.types.DeviceRequest(driver="nvidia", device_ids=[mig],
@@ -64,8 +68,11 @@ def test_only_the_probe_in_the_hosts_pid_namespace_sees_a_servers_processes(
         inside = inventory.parse_nvidia_smi_xml(listing, report.output.decode())
         [own] = inside.migs
         assert own.uuid == mig and own.processes == () and own.memory_used_mib == 3000
+        pid = start_sleeper(engine.client, holder.id, "/tmp/train.py")
+        gpusim.start_process(mig, 1000, pid=pid)
         found = probe.read(engine.client, base_image, "e2e")
-        assert [(p.pid, p.used_mib) for p in found.by_uuid()[mig].processes] == [(pid, 3000)]
+        assert found.by_uuid()[mig].processes == (GpuProcess(outside, 3000, None),
+                                                  GpuProcess(pid, 1000, holder.id))
         assert engine.client.api.inspect_container(holder.id)["HostConfig"]["PidMode"] == ""
     finally:
         holder.remove(force=True)
@@ -104,3 +111,15 @@ def test_a_probe_left_by_a_dead_hub_is_removed_by_the_next(
     ids = {c["Id"] for c in _probes(engine)}
     assert left["Id"] not in ids  # ours, stale: removed
     assert other["Id"] in ids  # another hub's: never touched
+
+
+def test_the_probes_cgroups_name_each_processs_container() -> None:
+    """The cgroup section after the report: each pid's ``/proc/<pid>/cgroup``, whatever the
+    cgroup driver; a pid whose file was not printed (it ended) or names no container has
+    none."""
+    one, two = "a" * 64, "b" * 64
+    text = (f"{probe.PID}101\n0::/system.slice/docker-{one}.scope\n"
+            f"{probe.PID}102\n12:memory:/docker/{two}\n1:cpu:/docker/{two}\n"
+            f"{probe.PID}103\n0::/user.slice/session-1.scope\n"
+            f"{probe.PID}104\n{probe.PID}oops\nnoise\n")
+    assert probe.containers_of(text) == {101: one, 102: two}

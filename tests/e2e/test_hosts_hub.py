@@ -31,7 +31,7 @@ import requests
 import yaml
 
 from .. import gpusim as gpusim_package
-from ..engine import EnginePaths, PrivateEngine
+from ..engine import EnginePaths, PrivateEngine, start_sleeper
 from ..gpusim import Simulator
 from ..hub import HubError, RunningHub, free_port
 from ..images import ensure_singleuser_image
@@ -482,7 +482,9 @@ def test_gpu_work_on_another_host_keeps_its_server_and_an_idle_one_there_is_stop
     host, bo = where("bo", engines)
     assert host == "gpu2"
     [bo_slice] = bo.attrs["HostConfig"]["DeviceRequests"][0]["DeviceIDs"]
-    far.start_process(bo_slice, 4000)
+    # A training run in bo's terminal: a real process in his container on gpu2.
+    pid = start_sleeper(far_engine.client, bo.id, "/tmp/train.py")
+    far.start_process(bo_slice, 4000, pid=pid)
     hub.spawn("ann", "mig-1g")
     host, ann = where("ann", engines)
     assert host == "gpu2"
@@ -502,6 +504,10 @@ def test_gpu_work_on_another_host_keeps_its_server_and_an_idle_one_there_is_stop
     assert metric("gpuspawner_host_device_memory_used_bytes", bo_slice, "bo") == 4000 * 2**20
     bo_idle = metric("gpuspawner_host_device_idle_seconds", bo_slice, "bo")
     assert bo_idle is not None and bo_idle < 5, bo_idle  # the probe's age at most
+    # The probe names the process's container from its cgroup: the card says it is bo's.
+    [block] = [b for card in with_token(hub, tokens.ops, "api/overview").json()["cards"]
+               for b in card["blocks"] if b["uuid"] == bo_slice]
+    assert f"pid {pid} · bo · 3.9 GiB" in block["title"], block["title"]
     while hub.server_model("ann") is not None:
         assert time.monotonic() < deadline, "ann's idle GPU server on gpu2 was never stopped"
         time.sleep(1)
