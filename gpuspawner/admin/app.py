@@ -201,10 +201,9 @@ class Admin:
                         stop.server, code, message)
             return
         self._last_work.get(stop.host, {}).pop(stop.container_id, None)
-        where = {"host": stop.host} if stop.host else {}
         self.event_log.write(events.GPU_IDLE_STOP, user=stop.user, server=stop.server,
                              container=stop.container, idle=round(stop.idle),
-                             timeout=round(stop.timeout), via="admin-service", **where)
+                             timeout=round(stop.timeout), via="admin-service", **_on(stop.host))
         log.info("stopped %s/%s: no GPU work for %.0f s (gpu_idle_timeout %.0f s)",
                  stop.user, stop.server, stop.idle, stop.timeout)
 
