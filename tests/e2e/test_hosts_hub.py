@@ -249,10 +249,10 @@ def test_servers_spread_over_three_hosts_answer_there_and_a_host_down_is_told(
     assert host_late == "gpu1"
     assert all(answers(hub, user) for user in users if user not in on_far)
     # A user presses Stop meanwhile: the Hub forgets the server whatever its spawner says
-    # (its API answers 204); the log says the stop did not reach gpu2, and the next start
-    # (below, once gpu2 is back) finds the same container there.
+    # (its API answers as for any stop); the log says the stop did not reach gpu2, and the
+    # next start (below, once gpu2 is back) finds the same container there.
     stopper = next(iter(on_far))
-    assert hub.stop_server(stopper).status_code == 204
+    assert hub.stop_server(stopper).status_code in (202, 204)
     assert hub.server_model(stopper) is None
     [failed] = [e for e in hub.events() if e["event"] == "container.stop"
                 and e["user"] == stopper]
@@ -503,7 +503,8 @@ def test_gpu_work_on_another_host_keeps_its_server_and_an_idle_one_there_is_stop
     assert metric("gpuspawner_host_device_processes", ann_slice, "ann") == 0.0
     assert metric("gpuspawner_host_device_memory_used_bytes", bo_slice, "bo") == 4000 * 2**20
     bo_idle = metric("gpuspawner_host_device_idle_seconds", bo_slice, "bo")
-    assert bo_idle is not None and bo_idle < 5, bo_idle  # the probe's age at most
+    # At most the age of the probe that saw his process: far below the time-out.
+    assert bo_idle is not None and bo_idle < 12, bo_idle
     # The probe names the process's container from its cgroup: the card says it is bo's.
     [block] = [b for card in with_token(hub, tokens.ops, "api/overview").json()["cards"]
                for b in card["blocks"] if b["uuid"] == bo_slice]
