@@ -107,29 +107,13 @@ class SnapshotCollector:
     def _activity(self, snap: Snapshot) -> Iterator[Metric]:
         """What runs on each device, as NVML said at this read (devices NVML does not report
         memory for are left out, not shown as 0), labelled with the user who holds it."""
-        memory = GaugeMetricFamily("gpuspawner_device_memory_used_bytes",
-                                   "GPU memory in use on each device",
-                                   labels=["device", "slot", "user"])
-        processes = GaugeMetricFamily("gpuspawner_device_processes",
-                                      "Compute processes on each device",
-                                      labels=["device", "slot", "user"])
-        idle = GaugeMetricFamily("gpuspawner_device_idle_seconds",
-                                 "Seconds since a compute process last ran on each device (0 "
-                                 "while one runs; counted from the admin service's start at "
-                                 "most)", labels=["device", "slot", "user"])
+        activity = DeviceActivity(per_host=False)
+        activity.add(snap)
         busy = GaugeMetricFamily("gpuspawner_device_busy",
                                  "Devices no running container holds with processes or memory "
                                  "in use (never given out)")
-        for labels, used, count, idle_seconds in device_activity(snap):
-            if used is not None:
-                memory.add_metric(labels, used)
-                processes.add_metric(labels, count)
-            if idle_seconds is not None:
-                idle.add_metric(labels, idle_seconds)
         busy.add_metric([], len(snap.busy()))
-        yield memory
-        yield processes
-        yield idle
+        yield from activity.families()
         yield busy
 
     def _slots(self, snap: Snapshot) -> Iterator[Metric]:
@@ -190,23 +174,44 @@ class SnapshotCollector:
         yield refused
 
 
-def device_activity(
-    snap: Snapshot,
-) -> list[tuple[list[str], float | None, int, float | None]]:
-    """Per device: its labels (uuid, slot, the users holding it), memory in use in bytes
-    and compute processes (None: the driver reports no memory for it, so it is left out,
-    not shown as 0), and its idle seconds (None: no clock). One rule for the hub's own
-    engine's metrics and every host's."""
-    by_id = {a.container_id: a for a in snap.allocations}
-    rows = []
-    for view in snap.devices():
-        users = sorted({by_id[h].user or by_id[h].container_name
-                        for h in view.holders if h in by_id})
-        used = (None if view.memory_used_mib is None
-                else float(view.memory_used_mib * 1024 * 1024))
-        rows.append(([view.uuid, view.slot, ",".join(users)], used, len(view.processes),
-                     view.idle_seconds))
-    return rows
+class DeviceActivity:
+    """The per-device activity families: memory in use (bytes), compute processes and idle
+    seconds, labelled with the device, its slot and the users holding it; for the own
+    engine (``gpuspawner_device_*``) or, ``per_host``, for every host of the hub
+    (``gpuspawner_host_device_*``, with ``host`` first). A device the driver reports no
+    memory for is left out of the first two, not shown as 0; one without an idle clock, out
+    of the third."""
+
+    def __init__(self, per_host: bool) -> None:
+        prefix = "gpuspawner_host_device_" if per_host else "gpuspawner_device_"
+        labels = ["host", "device", "slot", "user"] if per_host else ["device", "slot", "user"]
+        each = "each device, per host" if per_host else "each device"
+        self.memory = GaugeMetricFamily(
+            prefix + "memory_used_bytes", f"GPU memory in use on {each}"
+            + (" (a remote host's as its last probe read it)" if per_host else ""),
+            labels=labels)
+        self.processes = GaugeMetricFamily(prefix + "processes",
+                                           f"Compute processes on {each}", labels=labels)
+        self.idle = GaugeMetricFamily(
+            prefix + "idle_seconds", f"Seconds since a compute process last ran on {each} "
+            "(0 while one runs; counted from the admin service's start"
+            + (", or the host's return," if per_host else "") + " at most)", labels=labels)
+
+    def add(self, snap: Snapshot, *host: str) -> None:
+        """The devices of one read (``host``: its host's name, for the per-host families)."""
+        by_id = {a.container_id: a for a in snap.allocations}
+        for view in snap.devices():
+            users = sorted({by_id[h].user or by_id[h].container_name
+                            for h in view.holders if h in by_id})
+            labels = [*host, view.uuid, view.slot, ",".join(users)]
+            if view.memory_used_mib is not None:
+                self.memory.add_metric(labels, view.memory_used_mib * 1024 * 1024)
+                self.processes.add_metric(labels, len(view.processes))
+            if view.idle_seconds is not None:
+                self.idle.add_metric(labels, view.idle_seconds)
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self.memory, self.processes, self.idle)
 
 
 def slot_counts(snap: Snapshot) -> dict[tuple[str, str], tuple[int, int]]:
@@ -253,18 +258,7 @@ class HostsCollector:
         equivalents = GaugeMetricFamily("gpuspawner_host_user_gpu_equivalents",
                                         "GPU-equivalents held per host and user",
                                         labels=["host", "user"])
-        per_device = ["host", "device", "slot", "user"]
-        memory = GaugeMetricFamily("gpuspawner_host_device_memory_used_bytes",
-                                   "GPU memory in use on each device, per host (a remote "
-                                   "host's as its last probe read it)", labels=per_device)
-        processes = GaugeMetricFamily("gpuspawner_host_device_processes",
-                                      "Compute processes on each device, per host",
-                                      labels=per_device)
-        idle = GaugeMetricFamily("gpuspawner_host_device_idle_seconds",
-                                 "Seconds since a compute process last ran on each device, "
-                                 "per host (0 while one runs; counted from the admin "
-                                 "service's start, or the host's return, at most)",
-                                 labels=per_device)
+        activity = DeviceActivity(per_host=True)
         views, rows = self.read_hosts()
         for row in rows:
             up.add_metric([row["name"]], 1.0 if row["up"] else 0.0)
@@ -282,13 +276,8 @@ class HostsCollector:
                             and (a.uuids or a.slots or a.gpu_count)})
             for user in users:
                 equivalents.add_metric([view.name, user], snap.usage(user))
-            for labels, in_use, count, idle_seconds in device_activity(snap):
-                if in_use is not None:
-                    memory.add_metric([view.name, *labels], in_use)
-                    processes.add_metric([view.name, *labels], count)
-                if idle_seconds is not None:
-                    idle.add_metric([view.name, *labels], idle_seconds)
-        yield from (up, free, slots, used, equivalents, memory, processes, idle)
+            activity.add(snap, view.name)
+        yield from (up, free, slots, used, equivalents, *activity.families())
 
 
 def registry(
