@@ -412,7 +412,7 @@ class Admin:
 
     async def user_rows(self) -> list[dict[str, Any]]:
         """The users page's rows: over the own engine, or over every host."""
-        return views.user_rows_across(await self._readings(), await self.hub_users(),
+        return views.user_rows(await self._readings(), await self.hub_users(),
                                       self.settings.idle_after)
 
     def _readers(self) -> list[hosts.HostReader]:

@@ -495,30 +495,20 @@ def allocation_rows_across(
 
 
 def user_rows(
-    snap: Snapshot,
-    hub_users: Mapping[str, HubUser] | None = None,
-    idle_after: float = 3600.0,
-    now: datetime | None = None,
-) -> list[dict[str, Any]]:
-    """Per user with containers: GPU-equivalents in use against the limit, and idleness.
-
-    A user is idle when they hold a device and the Hub's last activity (of the holding
-    server while it runs, else of the user) is older than ``idle_after``; a held (stopped)
-    server counts from when it stopped if the Hub knows nothing newer.
-    """
-    return user_rows_across([(None, snap)], hub_users, idle_after, now)
-
-
-def user_rows_across(
     parts: Sequence[tuple[str | None, Snapshot | None]],
     hub_users: Mapping[str, HubUser] | None = None,
     idle_after: float = 3600.0,
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """``user_rows`` over every host that answers: a user's GPU-equivalents are summed over
-    the hosts (the policy's limits count across hosts), idleness is judged on all their
-    holding servers, and each server names its host (``parts``: host or None on a one-host
-    hub, snapshot or None for a host that does not answer)."""
+    """Per user with containers, over every host that answers (``parts``: host, or None on
+    a one-host hub; snapshot, or None for a host that does not answer): GPU-equivalents in
+    use, summed over the hosts as the policy's limits count them, against the limit; each
+    server naming its host; and idleness.
+
+    A user is idle when they hold a device and the Hub's last activity (of the holding
+    server while it runs, else of the user) is older than ``idle_after``; a held (stopped)
+    server counts from when it stopped if the Hub knows nothing newer.
+    """
     snaps = [(host, snap) for host, snap in parts if snap is not None]
     if not snaps:
         return []

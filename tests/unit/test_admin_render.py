@@ -230,7 +230,7 @@ def test_other_pages_escape_and_show_every_row(snap):
     assert 'name="_xsrf" value="2|abc|def"' in text
     readonly = renderer.allocations(page(can_act=False), rows)
     assert "<form" not in readonly
-    users = renderer.users(page(), views.user_rows(snap, {}, 3600), 3600)
+    users = renderer.users(page(), views.user_rows([(None, snap)], {}, 3600), 3600)
     assert EVIL_USER not in users and "&lt;script&gt;" in users
     entries = [{"time": "2026-11-24T12:00:00+00:00", "event": "gpu.refuse", "user": EVIL_USER,
                 "code": "full", "message": EVIL_SERVER}]
@@ -263,7 +263,7 @@ def test_users_table_flags_idle_holders_and_limits():
                                  (("", NOW - timedelta(hours=2)),)),
            "student005": HubUser("student005", (), NOW - timedelta(minutes=5),
                                  (("", NOW - timedelta(minutes=5)),))}
-    rows = {r["user"]: r for r in views.user_rows(snap, hub, idle_after=3600, now=NOW)}
+    rows = {r["user"]: r for r in views.user_rows([(None, snap)], hub, idle_after=3600, now=NOW)}
     assert rows["student000"]["idle"] and rows["student000"]["idle_for"] == "2h"
     assert not rows["student005"]["idle"]
     assert rows["student001"]["holding"] == 1 and not rows["student001"]["idle"]  # held 10 min
@@ -530,8 +530,8 @@ def test_allocations_and_users_of_several_hosts_name_each_host_and_sum_a_users_s
     assert text.count('<input type="hidden" name="host" value="gpu1">') == releasable
     assert "<th data-key=\"host\">" not in Renderer().allocations(page(), one)
 
-    alone = {r["user"]: r for r in views.user_rows(snap, {}, 3600, now=NOW)}
-    both = {r["user"]: r for r in views.user_rows_across(parts, {}, 3600, now=NOW)}
+    alone = {r["user"]: r for r in views.user_rows([(None, snap)], {}, 3600, now=NOW)}
+    both = {r["user"]: r for r in views.user_rows(parts, {}, 3600, now=NOW)}
     assert set(both) == set(alone)
     for user, row in both.items():
         assert row["equivalents"] == pytest.approx(2 * alone[user]["equivalents"])
@@ -540,4 +540,4 @@ def test_allocations_and_users_of_several_hosts_name_each_host_and_sum_a_users_s
             ["gpu1"] * len(alone[user]["servers"]) + [evil] * len(alone[user]["servers"]))
     users = Renderer().users(several, list(both.values()), 3600)
     assert " on gpu1</span>" in users and evil not in users
-    assert views.user_rows_across([("gpu3", None)], {}, 3600) == []
+    assert views.user_rows([("gpu3", None)], {}, 3600) == []
