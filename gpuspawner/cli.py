@@ -25,6 +25,7 @@ from .events import follow, tail
 from .inventory import InventoryError
 from .ledger import LedgerError
 from .policy import PolicyError, PolicyFile, parse_duration
+from .records import host_field
 from .snapshot import Snapshot
 from .world import DEFAULT_START_TIMEOUT, World
 
@@ -94,7 +95,7 @@ def _done(parts: list[Part]) -> int:
 
 
 def _with_host(name: str | None, record: dict[str, Any]) -> dict[str, Any]:
-    return record if name is None else {"host": name, **record}
+    return {**host_field(name), **record}
 
 
 def cmd_status(args, world: World) -> int:

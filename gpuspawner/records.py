@@ -251,3 +251,9 @@ class Changes(JSONRecord):
     daemon: bool
     since_ns: int
     until_ns: int
+
+
+def host_field(host: str | None) -> dict[str, str]:
+    """``{"host": name}`` for a record or log line about a host of a hub of several hosts;
+    nothing on a one-host hub (no name): its records and lines stay as they always were."""
+    return {"host": host} if host else {}

@@ -60,7 +60,7 @@ from .profiles import (
     with_images,
 )
 from .progress import Progress
-from .records import Inventory
+from .records import Inventory, host_field
 from .snapshot import Snapshot, take
 from .traits import GPUSpawnerTraits
 from .waiters import Waiters
@@ -1252,7 +1252,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             events.CONTAINER_CREATE, user=user, server=server, container=self.object_name,
             id=self.object_id[:12], image=self.image, devices=list(plan.device_ids),
             slots=list(plan.choice.slots), ports=plan.host_ports,
-            **({"host": self.host_name} if self.hosts else {}),
+            **host_field(self.host_name),
         )
         self._progress(60, f"Container {self.object_name} created")
         if plan.replaced is not None:
@@ -1524,7 +1524,7 @@ class GPUSpawner(GPUSpawnerTraits, DockerSpawner):
             self._reconnect()
             self.event_log.write(events.CONTAINER_STOP, user=self.user.name, server=self.name,
                                  container=self.object_name, failed=str(exc),
-                                 **({"host": self.host_name} if self.host_name else {}))
+                                 **host_field(self.host_name))
             where = (f"host {self.host_name}" if self.hosts and self.host_name
                      else "the Docker engine")
             self.log.warning("%s could not be stopped: %s does not answer (%s). Its container "

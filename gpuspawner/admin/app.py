@@ -49,7 +49,7 @@ from .. import events, health, hosts
 from ..inventory import InventoryError
 from ..ledger import LedgerError, connect
 from ..policy import PolicyError
-from ..records import Allocation, JSONRecord
+from ..records import Allocation, JSONRecord, host_field
 from ..snapshot import Snapshot
 from ..world import ReleaseRefused, release
 from . import VIEW_SCOPE, activity, metrics, views
@@ -80,11 +80,6 @@ class Access(JSONRecord):
 def _kind(kind: str, host: str) -> str:
     """The key of a kind of problem seen on ``host`` ("" : the service's own engine)."""
     return f"{kind}@{host}" if host else kind
-
-
-def _on(host: str) -> dict[str, str]:
-    """``host`` for an event about another host of the hub; nothing for the own engine."""
-    return {"host": host} if host else {}
 
 
 def access_of(model: dict[str, Any], access_scopes: set[str]) -> Access:
@@ -203,7 +198,8 @@ class Admin:
         self._last_work.get(stop.host, {}).pop(stop.container_id, None)
         self.event_log.write(events.GPU_IDLE_STOP, user=stop.user, server=stop.server,
                              container=stop.container, idle=round(stop.idle),
-                             timeout=round(stop.timeout), via="admin-service", **_on(stop.host))
+                             timeout=round(stop.timeout), via="admin-service",
+                             **host_field(stop.host))
         log.info("stopped %s/%s: no GPU work for %.0f s (gpu_idle_timeout %.0f s)",
                  stop.user, stop.server, stop.idle, stop.timeout)
 
@@ -261,7 +257,7 @@ class Admin:
             self.event_log.write(
                 events.GPU_CONFLICT, uuid=uuid, slot=slot, containers=names,
                 container_ids=list(ids), users=[a.user for a in holders],
-                hubs=[a.hub for a in holders], via="admin-page", **_on(host),
+                hubs=[a.hub for a in holders], via="admin-page", **host_field(host),
             )
             log.warning("device %s (%s)%s is held by %d running containers: %s", slot, uuid,
                         f" on host {host}" if host else "", len(names), ", ".join(names))
@@ -276,7 +272,7 @@ class Admin:
             self.event_log.write(events.GPU_BUSY, uuid=uuid, slot=device.slot,
                                  reason=found[uuid], memory_used_mib=device.memory_used_mib,
                                  pids=[p.pid for p in device.processes], via="admin-page",
-                                 **_on(host))
+                                 **host_field(host))
             log.warning("device %s (%s)%s is %s", device.slot, uuid,
                         f" on host {host}" if host else "", found[uuid])
 
@@ -288,7 +284,7 @@ class Admin:
             a = found[cid]
             self.event_log.write(events.GPU_DISAGREE, container=a.container_name, user=a.user,
                                  hub=a.hub, devices=list(a.uuids), reason=a.disagreement,
-                                 via="admin-page", **_on(host))
+                                 via="admin-page", **host_field(host))
 
     #: Seconds one read of every host serves pages, API calls and scrapes.
     HOSTS_MAX_AGE = 2.0
@@ -757,7 +753,7 @@ class ReleaseAction(ActionHandler):
             events.GPU_RELEASE, user=allocation.user, server=allocation.server,
             container=allocation.container_name, uuids=list(allocation.uuids),
             slots=list(allocation.slots), state=allocation.state, by=self.access.name,
-            via="admin-page", **({"host": host} if host else {}),
+            via="admin-page", **host_field(host),
         )
         devices = ", ".join(allocation.slots) or "no device"
         log.info("%s released %s (%s) of %s", self.access.name, devices,

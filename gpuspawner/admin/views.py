@@ -33,6 +33,7 @@ from ..records import (
     Allocation,
     JSONRecord,
     MigDevice,
+    host_field,
 )
 from ..snapshot import BUSY, CONFLICT, UNAVAILABLE, DeviceView, ProcessView, Snapshot
 from ..world import release_refusal
@@ -476,9 +477,7 @@ def allocation_rows(
         row["last_activity"] = _iso(hub_user.activity(a.server)) if hub_user else None
         row["can_release"] = can_release(a, hub_id)
         row["can_stop"] = can_stop(a, hub_id)
-        if host is not None:
-            row["host"] = host
-        rows.append(row)
+        rows.append({**row, **host_field(host)})
     return rows
 
 
@@ -554,7 +553,7 @@ def user_rows(
                 {"server": a.server, "state": a.state, "profile": a.profile,
                  "slots": list(a.slots), "equivalents": a.equivalents,
                  "container_id": a.container_id, "container": a.container_name,
-                 **({} if host is None else {"host": host})}
+                 **host_field(host)}
                 for host, a in allocations
             ],
         })
