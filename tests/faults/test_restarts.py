@@ -93,6 +93,9 @@ def rounds(scn: Scenario, hub_id: str, size: sizes.Size, strike: Callable[[], No
             scn.fault()
             with scn.phase("fault"):
                 strike()
+            # The hub can see what the fault did only once it is over (an engine that is
+            # back): the settle waits out its polls from here, not from the fault's start.
+            scn.fault()
             for thread in threads:
                 thread.join()
         scn.count("spawns_in_flight", len(users))
